@@ -1,0 +1,309 @@
+"""`dcnc verify`: run the PyTorch reference and a built bundle on the same evaluation data and decide parity.
+
+Retrieval models: the queries and the whole item corpus are embedded by both sides; items stream through in
+chunks into exact top-K (faiss), so only the K best per query are ever kept. Ranking models: AUC and log loss of
+each labelled output on both sides. Always: elementwise parity per output, interleaved latency per batch size,
+and the gates (toolkit.gates) that turn all of it into pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from torch import nn
+
+from toolkit import metrics
+from toolkit.errors import DcncError
+from toolkit.evaldata import RankingEval, RetrievalEval, load_eval
+from toolkit.gates import Thresholds, baseline_gates, evaluate_gates, load_baseline, resolve_thresholds
+from toolkit.latency import compare_latency, device_call, timer_for
+from toolkit.latency import __doc__ as latency_doc
+from toolkit.report import Report, machine_info
+
+
+class Runner(Protocol):
+    """What verify needs of a runner (toolkit.backends.base.Runner has it): infer on numpy feeds."""
+
+    def infer(self, feed_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class VerifyOptions:
+    """ks: the K of recall@K / agreement@K. batch_sizes: latency batch sizes (those outside the bundle's batch
+    profile are skipped). eval_batch: rows per inference call over the evaluation data. item_chunk: items per
+    top-K chunk. warmup / iterations: untimed and timed rounds per batch size. latency: measure it at all."""
+
+    ks: tuple[int, ...] = (1, 10, 100)
+    batch_sizes: tuple[int, ...] = (1, 64, 512)
+    eval_batch: int = 1024
+    item_chunk: int = 65536
+    warmup: int = 10
+    iterations: int = 50
+    latency: bool = True
+
+
+def _rows(feeds: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {name: array[start:stop] for name, array in feeds.items()}
+
+
+def run_batched(
+    runner: Runner, feeds: dict[str, np.ndarray], batch: int, batch_range: tuple[int, int] | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Outputs for consecutive row blocks of at most `batch` rows; a block below the runner's minimum batch is
+    padded by repeating its last row and the padding cut off again."""
+    rows = len(next(iter(feeds.values())))
+    low = batch_range[0] if batch_range else 1
+    for start in range(0, rows, batch):
+        block = _rows(feeds, start, min(start + batch, rows))
+        size = len(next(iter(block.values())))
+        if size < low:
+            block = {n: np.concatenate([a, np.repeat(a[-1:], low - size, axis=0)]) for n, a in block.items()}
+        outputs = runner.infer(block)
+        yield {name: np.asarray(value)[:size] for name, value in outputs.items()}
+
+
+def _check_outputs(outputs: dict[str, np.ndarray], expected: list[str], side: str, tower: str) -> None:
+    missing = [n for n in expected if n not in outputs]
+    if missing:
+        raise DcncError(f"{side} tower {tower!r} returns {list(outputs)}, not the reference outputs {expected}")
+
+
+class _Pair:
+    """Reference and candidate runner of one tower, run on the same rows, with parity accumulated per output."""
+
+    def __init__(self, tower: str, reference: Runner, candidate: Runner, outputs: list[str], eval_batch: int):
+        self.tower, self.reference, self.candidate, self.outputs = tower, reference, candidate, outputs
+        batch_range = getattr(candidate, "batch_range", None)
+        self.batch_range = batch_range
+        self.eval_batch = min(eval_batch, batch_range[1]) if batch_range else eval_batch
+        self.parity = {name: metrics.ParityAccumulator() for name in outputs}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Both sides' outputs for all rows of `feeds`, concatenated; parity updated."""
+        ref_parts, cand_parts = [], []
+        for ref, cand in zip(run_batched(self.reference, feeds, self.eval_batch, self.batch_range),
+                             run_batched(self.candidate, feeds, self.eval_batch, self.batch_range)):
+            _check_outputs(ref, self.outputs, "reference", self.tower)
+            _check_outputs(cand, self.outputs, "candidate", self.tower)
+            for name in self.outputs:
+                self.parity[name].update(ref[name], cand[name])
+            ref_parts.append(ref)
+            cand_parts.append(cand)
+        join = lambda parts: {n: np.concatenate([p[n] for p in parts]) for n in self.outputs}  # noqa: E731
+        return join(ref_parts), join(cand_parts)
+
+    def parity_report(self) -> dict[str, dict[str, Any]]:
+        return {f"{self.tower}/{name}": acc.result() for name, acc in self.parity.items()}
+
+
+def evaluate_retrieval(pairs: dict[str, _Pair], data: RetrievalEval, ks: tuple[int, ...], item_chunk: int) -> dict[str, Any]:
+    """Embed queries and items on both sides, exact top-K of each side, recall@K against relevance, agreement@K."""
+    query_ref, query_cand = pairs["query"].run(data.queries)
+    embedding = pairs["query"].outputs[0]
+    k_max = min(max(ks), data.num_items)
+    ks = tuple(sorted({min(k, k_max) for k in ks}))
+    search_ref = metrics.TopKSearch(query_ref[embedding], k_max)
+    search_cand = metrics.TopKSearch(query_cand[embedding], k_max)
+    item_embedding = pairs["item"].outputs[0]
+    for start in range(0, data.num_items, item_chunk):
+        item_ref, item_cand = pairs["item"].run(_rows(data.items, start, start + item_chunk))
+        search_ref.add(item_ref[item_embedding])
+        search_cand.add(item_cand[item_embedding])
+    top_ref, top_cand = search_ref.result(), search_cand.result()
+    recall_ref = metrics.recall_at_k(top_ref.ids, data.relevance, ks)
+    recall_cand = metrics.recall_at_k(top_cand.ids, data.relevance, ks)
+    ratio = {k: recall_cand[k] / recall_ref[k] if recall_ref[k] > 0 else float(recall_cand[k] == 0) for k in ks}
+    agreement = metrics.agreement_at_k(top_ref.ids, top_cand.ids, ks)
+    key = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731
+    return {
+        "queries": data.num_queries,
+        "items": data.num_items,
+        "relevant_pairs": int(len(data.relevance)),
+        "recall": {"reference": key(recall_ref), "candidate": key(recall_cand)},
+        "recall_ratio": key(ratio),
+        "agreement": key(agreement),
+    }
+
+
+def evaluate_ranking(pair: _Pair, data: RankingEval) -> dict[str, Any]:
+    """AUC and log loss (from logits) of both sides for each labelled output, and candidate minus reference."""
+    ref, cand = pair.run(data.feeds)
+    outputs = {}
+    for name, labels in data.labels.items():
+        entry = {}
+        for metric, fn in (("auc", metrics.auc), ("logloss", metrics.logloss)):
+            r, c = fn(labels, ref[name]), fn(labels, cand[name])
+            entry[metric] = {"reference": r, "candidate": c, "diff": c - r}
+        outputs[name] = entry
+    return {"rows": data.num_rows, "outputs": outputs}
+
+
+def measure_latency(
+    pairs: dict[str, _Pair], feeds: dict[str, dict[str, np.ndarray]], options: VerifyOptions, device: str
+) -> dict[str, Any]:
+    """Interleaved reference/candidate timing per tower and batch size, on rows of the evaluation data."""
+    timer = timer_for(device)
+    towers = {}
+    for tower, pair in pairs.items():
+        low, high = pair.batch_range or (1, max(options.batch_sizes))
+        sizes = [b for b in options.batch_sizes if low <= b <= high]
+        rows = len(next(iter(feeds[tower].values())))
+        calls: dict[str, dict[int, Any]] = {"reference": {}, "candidate": {}}
+        for batch in sizes:
+            take = np.arange(batch) % rows  # the first rows, repeated when the data has fewer
+            feed = {name: np.ascontiguousarray(array[take]) for name, array in feeds[tower].items()}
+            calls["reference"][batch] = device_call(pair.reference, feed, device)
+            calls["candidate"][batch] = device_call(pair.candidate, feed, device)
+        towers[tower] = compare_latency(calls["reference"], calls["candidate"], options.warmup, options.iterations, timer)
+    return {
+        "device": device,
+        "timer": "cuda_events" if device == "cuda" else "wall_clock",
+        "warmup": options.warmup,
+        "iterations": options.iterations,
+        "noise_method": " ".join(latency_doc.split("Noise:", 1)[1].split()),
+        "towers": towers,
+    }
+
+
+def verify_runners(
+    reference: dict[str, Runner],
+    candidate: dict[str, Runner],
+    output_names: dict[str, list[str]],
+    data: RetrievalEval | RankingEval,
+    thresholds: Thresholds,
+    options: VerifyOptions | None = None,
+    device: str = "cpu",
+    baseline: dict[str, Any] | None = None,
+    names: dict[str, str] | None = None,
+) -> Report:
+    """Compare active runners tower by tower (reference and candidate share tower names) and gate the result.
+
+    names: "reference", "candidate", "precision", "data" shown in the report. baseline: an earlier report
+    whose latency this run must not regress beyond its own noise.
+    """
+    options = options or VerifyOptions()
+    names = names or {}
+    if set(reference) != set(candidate):
+        raise DcncError(f"the bundle has towers {sorted(candidate)}, the reference {sorted(reference)}")
+    start = time.perf_counter()
+    pairs = {t: _Pair(t, reference[t], candidate[t], output_names[t], options.eval_batch) for t in reference}
+    retrieval = ranking = latency = None
+    if isinstance(data, RetrievalEval):
+        retrieval = evaluate_retrieval(pairs, data, options.ks, options.item_chunk)
+        latency_feeds = {"query": data.queries, "item": data.items}
+    else:
+        (pair,) = pairs.values()
+        ranking = evaluate_ranking(pair, data)
+        latency_feeds = {pair.tower: data.feeds}
+    parity = {key: stats for pair in pairs.values() for key, stats in pair.parity_report().items()}
+    if options.latency:
+        latency = measure_latency(pairs, latency_feeds, options, device)
+    gates = evaluate_gates(thresholds, parity, retrieval, ranking, latency)
+    if baseline is not None:
+        if latency is None:
+            raise DcncError("--baseline compares latency, which this run did not measure")
+        gates += baseline_gates(latency, baseline, thresholds.latency_tolerance)
+    return Report(
+        reference=names.get("reference", "reference"),
+        candidate=names.get("candidate", "candidate"),
+        precision=names.get("precision", "fp32"),
+        device=device,
+        gates=gates,
+        parity=parity,
+        retrieval=retrieval,
+        ranking=ranking,
+        latency=latency,
+        thresholds=dataclasses.asdict(thresholds),
+        data=names.get("data", ""),
+        seconds=time.perf_counter() - start,
+        machine=machine_info(device),
+    )
+
+
+class SignedTower(nn.Module):
+    """A loaded tower as TorchRunner takes it: the user's module with the signature loading found for it
+    (a factory's module need not carry `input_specs` itself)."""
+
+    def __init__(self, tower: Any) -> None:
+        super().__init__()
+        self.inner = tower.module
+        self.input_specs = tower.input_specs
+        self.output_names = list(tower.output_names)
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.inner(*inputs)
+
+
+def _branch_timing(bundle: Path, manifest: Any, batch: int) -> dict[str, Any]:
+    """t_cross, t_deep, t_parallel per tower from the bundle's ONNX branch subgraphs, or why they were skipped."""
+    import onnx
+
+    from graphs.branches import time_branches
+
+    result = {}
+    for tower, entry in manifest.towers.items():
+        try:
+            result[tower] = time_branches(onnx.load(str(bundle / entry.onnx)), batch=batch)
+        except DcncError as err:  # not a parallel tower: nothing to time
+            result[tower] = {"skipped": str(err)}
+    return result
+
+
+def verify(
+    reference: str | Path,
+    bundle: str | Path,
+    data: str | Path | None = None,
+    device: str = "cpu",
+    options: VerifyOptions | None = None,
+    gates_file: str | Path | None = None,
+    overrides: dict[str, float | None] | None = None,
+    baseline: str | Path | None = None,
+    branches: bool = True,
+) -> Report:
+    """Verify the bundle at `bundle` against the model `reference` (anything `dcnc export` loads).
+
+    data: evaluation .npz (toolkit.evaldata formats); default: the evaluation split the reference names, if any.
+    device: "cpu" or "cuda" (both sides run and are timed there). gates_file / overrides: thresholds on top of
+    the defaults for the bundle's precision. baseline: an earlier report (JSON) to compare latency against.
+    branches: also time the cross and deep branch subgraphs of parallel towers (CPU only).
+    """
+    from toolkit.backends.torch_runner import TorchRunner
+    from toolkit.bundle import check_bundle, tower_runner
+    from toolkit.loading import load_model
+
+    options = options or VerifyOptions()
+    if device not in ("cpu", "cuda"):
+        raise DcncError(f"--device must be cpu or cuda, got {device!r}")
+    baseline_report = load_baseline(baseline) if baseline is not None else None
+    manifest = check_bundle(bundle)
+    thresholds = resolve_thresholds(manifest.precision, gates_file, overrides)
+    loaded = load_model(str(reference))
+    if data is None:
+        data = getattr(loaded, "eval_data", None)
+        if data is None:
+            raise DcncError(f"{reference}: names no evaluation data; pass --data EVAL.npz")
+    towers = loaded.towers
+    evaluation = load_eval(
+        data, {t: tw.input_specs for t, tw in towers.items()}, {t: list(tw.output_names) for t, tw in towers.items()}
+    )
+    reference_runners = {t: TorchRunner(SignedTower(tw), device, name=f"torch:{t}") for t, tw in towers.items()}
+    candidate_runners = {t: tower_runner(bundle, manifest, t) for t in manifest.towers}
+    with contextlib.ExitStack() as stack:
+        for runner in [*reference_runners.values(), *candidate_runners.values()]:
+            stack.enter_context(runner)
+        report = verify_runners(
+            reference_runners, candidate_runners, {t: list(tw.output_names) for t, tw in towers.items()},
+            evaluation, thresholds, options, device, baseline_report,
+            names={"reference": str(reference), "candidate": str(bundle), "precision": manifest.precision,
+                   "data": str(data)},
+        )
+    if report.latency is not None and branches and device == "cpu":
+        report.latency["branches"] = _branch_timing(Path(bundle), manifest, max(options.batch_sizes))
+    return report
