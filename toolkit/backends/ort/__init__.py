@@ -1,0 +1,1 @@
+"""ONNX Runtime backend (CPU and CUDA): session loader and runner."""

@@ -1,0 +1,1 @@
+"""TensorRT backend: strongly typed network from ONNX, builder config, engine loader and runner (tensorrt imported lazily)."""
