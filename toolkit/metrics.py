@@ -217,7 +217,8 @@ class ParityAccumulator:
         self.rows += len(cosine)
 
     def quantile(self, q: float) -> float:
-        """Upper bound of the q-quantile of |c - r| (within 3.7 %; 0 when at or below 1e-12)."""
+        """Upper bound of the q-quantile of |c - r|, the smallest error with a share q of all errors at or below it
+        (within 3.7 %; 0 when at or below 1e-12)."""
         if self.count == 0:
             return float("nan")
         bin_index = int(np.searchsorted(np.cumsum(self.bins), q * self.count))
