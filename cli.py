@@ -114,5 +114,47 @@ def verify(
         raise GateFailed(", ".join(g.name for g in result.failed_gates))
 
 
+# --- dcnc build -----------------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def build(
+    model: str = typer.Argument(..., help="An exported tower .onnx, or a directory of <tower>.onnx (one bundle entry each)."),
+    out: str = typer.Option(..., "-o", "--out", help="The bundle directory to write (refused if it exists, unless --force)."),
+    backend: str = typer.Option("ort", "--backend", help="ort (ONNX Runtime, CPU), ort-cuda (needs onnxruntime-gpu) or tensorrt (needs tensorrt 10/11 and a GPU)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 or int8, decided in the ONNX by its lowering (fp32 only until the lowerings land)."),
+    calib: str = typer.Option(None, "--calib", help="Calibration data for int8 (required by it, refused otherwise)."),
+    batch: str = typer.Option("1:256:4096", "--batch", help="Batch profile MIN:OPT:MAX (or one N); TensorRT builds for it, runners refuse batches outside it."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output (rebuild it)."),
+    threads: int = typer.Option(None, "--threads", help="ORT intra-op threads (default: the cores this process may use)."),
+    ort_opt_level: str = typer.Option("all", "--ort-opt-level", help="ORT graph optimisation: disable, basic, extended or all."),
+    save_optimized: bool = typer.Option(False, "--save-optimized", help="ORT: also save its optimised graph (loads faster; tied to this ORT version and CPU, marked non-portable)."),
+    device_id: int = typer.Option(0, "--device-id", help="CUDA device for ort-cuda and tensorrt."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="ort-cuda / tensorrt: capture one CUDA graph per batch size and replay it."),
+    trt_opt_level: int = typer.Option(3, "--trt-opt-level", help="TensorRT builder optimisation level 0-5 (higher builds longer)."),
+    max_aux_streams: int = typer.Option(2, "--max-aux-streams", help="TensorRT auxiliary streams, so the cross and deep branches run concurrently (-1: TensorRT decides)."),
+    version_compatible: bool = typer.Option(False, "--version-compatible", help="TensorRT: an engine later TensorRT versions of the same major can run."),
+    hardware_compat: str = typer.Option("none", "--hardware-compat", help="TensorRT: none (this GPU's compute capability), ampere_plus or same_compute_capability."),
+    workspace: int = typer.Option(None, "--workspace", help="TensorRT builder workspace limit in MiB (default: TensorRT's)."),
+    timing_cache: str = typer.Option(None, "--timing-cache", help="TensorRT timing cache kept across builds (rebuilt when its TensorRT version or GPU differ)."),
+) -> None:
+    """Lower exported tower graphs to a precision and build them into one bundle (ONNX, engine, caches, manifest.json)."""
+    from toolkit.backends.ort.loader import OrtOptions
+    from toolkit.backends.tensorrt.config import TrtOptions
+    from toolkit.build import build_bundle, parse_batch
+
+    manifest = build_bundle(
+        model, out, backend=backend, precision=precision, calib=calib, batch=parse_batch(batch), force=force,
+        ort_options=OrtOptions(threads=threads, opt_level=ort_opt_level, device_id=device_id, cuda_graph=cuda_graph),
+        trt_options=TrtOptions(
+            opt_level=trt_opt_level, max_aux_streams=None if max_aux_streams < 0 else max_aux_streams,
+            version_compatible=version_compatible, hardware_compat=hardware_compat, workspace_mib=workspace,
+            device_id=device_id, cuda_graph=cuda_graph,
+        ),
+        save_optimized=save_optimized, timing_cache=timing_cache,
+    )
+    towers = ", ".join(manifest.towers)
+    print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {batch}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

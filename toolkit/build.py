@@ -194,6 +194,8 @@ def build_bundle(
         raise DcncError("--save-optimized is an ONNX Runtime option; TensorRT bundles always hold an engine")
     if timing_cache is not None and backend != "tensorrt":
         raise DcncError("--timing-cache is a TensorRT option (use it with --backend tensorrt)")
+    if ort_options is not None and ort_options.cuda_graph and backend == "ort":
+        raise DcncError("--cuda-graph needs a GPU backend (ort-cuda or tensorrt), not ort")
     lower = lowering_for(precision)
     towers = find_towers(model)
     require_backend(backend)
