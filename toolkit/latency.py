@@ -6,7 +6,9 @@ thermal state) hits both equally and their ratio is meaningful on a shared machi
 Noise: the samples of each side are cut into `blocks` runs of consecutive iterations; in each block the ratio
 median(candidate) / median(reference) is taken, and the noise is (max - min) / overall ratio over the blocks,
 i.e. how far the candidate/reference time ratio moved within this very run. A change from a baseline smaller
-than that is not distinguishable from noise.
+than that is not distinguishable from noise. (For 5 blocks the expected range is about 2.3 standard deviations
+of a block ratio, which is about 3.7 standard errors of the difference of two full-run ratios: a bound that a
+steady machine rarely crosses by chance.)
 """
 
 from __future__ import annotations

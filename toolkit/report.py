@@ -152,6 +152,21 @@ def _latency_rows(report: Report) -> list[tuple[str, ...]]:
     return rows
 
 
+BRANCH_HEADER = ("tower", "batch", "t_cross ms", "t_deep ms", "t_parallel ms", "t_parallel / max")
+
+
+def _branch_rows(report: Report) -> list[tuple[str, ...]]:
+    """Branch subgraph timings (ORT CPU) per tower; a tower that is not parallel shows why it was skipped."""
+    rows = []
+    for tower, t in ((report.latency or {}).get("branches") or {}).items():
+        if "skipped" in t:
+            rows.append((tower, "-", "-", "-", "-", f"skipped: {t['skipped']}"))
+        else:
+            rows.append((tower, str(t["batch"]), _num(t["t_cross_ms"]), _num(t["t_deep_ms"]), _num(t["t_parallel_ms"]),
+                         _num(t["ratio"], 3)))
+    return rows
+
+
 def _quality_rows(report: Report) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     if report.retrieval is not None:
         r = report.retrieval
@@ -190,8 +205,9 @@ def markdown(report: Report) -> str:
     if report.latency:
         parts += ["## Latency", f"Timer: {report.latency['timer']}. Noise: {report.latency['noise_method']}",
                   _md_table(LATENCY_HEADER, _latency_rows(report))]
-        if report.latency.get("branches"):
-            parts.append("Branches: " + ", ".join(f"{k} = {_num(v)}" for k, v in report.latency["branches"].items()))
+        if _branch_rows(report):
+            parts += ["Cross and deep branches timed alone and together (1.0 = fully concurrent):",
+                      _md_table(BRANCH_HEADER, _branch_rows(report))]
     return "\n\n".join(parts) + "\n"
 
 
@@ -247,5 +263,7 @@ def print_summary(report: Report, console: Console) -> None:
         console.print(table("Retrieval" if report.retrieval is not None else "Ranking", header, rows))
     if report.latency:
         console.print(table(f"Latency ({report.latency['timer']})", LATENCY_HEADER, _latency_rows(report)))
+        if _branch_rows(report):
+            console.print(table("Branches (ORT CPU)", BRANCH_HEADER, _branch_rows(report)))
     verdict = "[green]PASSED[/green]" if report.passed else f"[red]FAILED[/red] {len(report.failed_gates)} gate(s)"
     console.print(f"verify: {verdict}")

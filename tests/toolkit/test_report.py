@@ -95,3 +95,14 @@ def test_terminal_summary_lists_gates_and_the_verdict():
     print_summary(make_report(), console)
     text = console.file.getvalue()
     assert "retrieval.agreement@10" in text and "verify: PASSED" in text
+
+
+def test_branch_timings_are_tabled_and_a_skipped_tower_says_why():
+    report = make_report()
+    report.latency["branches"] = {
+        "query": {"batch": 64, "t_cross_ms": 0.3, "t_deep_ms": 0.2, "t_parallel_ms": 0.33, "ratio": 1.1},
+        "item": {"skipped": "branch timing needs a parallel tower"},
+    }
+    text = markdown(report)
+    assert "| query | 64 | 0.3 | 0.2 | 0.33 | 1.1 |" in text
+    assert "skipped: branch timing needs a parallel tower" in text
