@@ -1,0 +1,271 @@
+"""INT8 Q/DQ graphs for a target (x86 CPU under onnxruntime, or TensorRT) from calibrated activation ranges.
+
+Q/DQ insertion is onnxruntime.quantization's quantize_static; what dcnc decides is what it is fed:
+
+- the ranges, collected by calibration.ranges (real 2048-bin histograms) and handed over as a calibration
+  cache, so quantize_static never runs its own calibration;
+- the target's number formats (TARGETS): for `cpu`, uint8 activations and int8 weights (U8S8), so ORT fuses
+  every DQ -> Gemm -> Q into an integer QGemm (signed int8 activations leave most Gemms dequantized to
+  float), with 7-bit weights because the AVX2 u8*s8 kernel (vpmaddubsw) saturates int16 pair sums
+  otherwise; for `tensorrt`, symmetric int8 activations, per-channel symmetric weights and float biases;
+- which ops carry Q/DQ (see `TargetConfig.op_types`) and which tensors may be clipped: the skip path of a
+  residual Add and the cross layer's product x0 * (W x + b) always keep their full minmax range, because a
+  clipped skip connection clips every layer after it, while entropy or percentile clipping applies elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration.ranges import DEFAULT_PERCENTILE, RangeSet
+from toolkit.errors import DcncError
+
+TARGETS = ("cpu", "tensorrt")
+WEIGHT_OPS = ("Gemm", "MatMul")
+EMBEDDING_OPS = ("Gather",)
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """How a target runs INT8.
+
+    op_types: ops given Q/DQ. For `cpu` the elementwise ops between Gemms (the cross layer's Mul and residual
+    Add, ReLU, Concat) are quantized too, so tensors stay uint8 from one QGemm to the next (QLinearMul,
+    QLinearAdd) instead of being dequantized and requantized around every float op. For `tensorrt` only Gemm
+    / MatMul inputs get Q/DQ and outputs stay float: TensorRT fuses DQ into the GEMM and runs the bias, the
+    product and the residual add in its epilogue at higher precision.
+    """
+
+    activation_type: str  # "uint8" | "int8"
+    weight_type: str
+    per_channel: bool
+    reduce_range: bool
+    symmetric_activations: bool
+    quantize_bias: bool
+    op_types: tuple[str, ...]
+    quantize_outputs: bool
+
+
+TARGET_CONFIGS = {
+    "cpu": TargetConfig("uint8", "int8", per_channel=True, reduce_range=True, symmetric_activations=False,
+                        quantize_bias=True, op_types=(*WEIGHT_OPS, "Mul", "Add", "Relu", "Concat"),
+                        quantize_outputs=True),
+    "tensorrt": TargetConfig("int8", "int8", per_channel=True, reduce_range=False, symmetric_activations=True,
+                             quantize_bias=False, op_types=WEIGHT_OPS, quantize_outputs=False),
+}  # fmt: skip
+
+
+@dataclass
+class QuantRecord:
+    """What an INT8 lowering did, for the bundle manifest and reports."""
+
+    target: str
+    method: str
+    percentile: float | None
+    calibration_key: str
+    cache_hit: bool
+    calibration_samples: int
+    quantized_nodes: list[str]
+    kept_fp32: list[str]
+    quantize_embeddings: bool
+    unclipped_tensors: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_target(target: str) -> TargetConfig:
+    if target not in TARGET_CONFIGS:
+        raise DcncError(f"--target must be one of {list(TARGETS)}, got {target!r}")
+    return TARGET_CONFIGS[target]
+
+
+def quantizable_nodes(model, target: str = "cpu", quantize_embeddings: bool = False) -> list[str]:
+    """Names of the nodes INT8 applies to for `target`, in graph order: the target's op types, where Gemm and
+    MatMul need a constant weight (attention's activation x activation MatMuls stay float), and with
+    `quantize_embeddings`, Gathers from a constant table."""
+    config = check_target(target)
+    constants = {init.name for init in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type in WEIGHT_OPS and node.op_type in config.op_types:
+            if node.input[1] in constants:
+                names.append(node.name)
+        elif node.op_type in config.op_types or (quantize_embeddings and node.op_type in EMBEDDING_OPS):
+            if node.op_type not in EMBEDDING_OPS or node.input[0] in constants:
+                names.append(node.name)
+    return names
+
+
+def unclipped_tensors(model) -> set[str]:
+    """Tensors that keep their minmax range whatever the method: both inputs and the output of every residual
+    Add (an Add of two activations, one computed from the other) and the output of every product of two
+    activations (the cross layer's x0 * (W x + b)), since clipping them clips the skip path."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    constants = {init.name for init in model.graph.initializer} | {
+        out for node in model.graph.node if node.op_type == "Constant" for out in node.output
+    }
+
+    def ancestors(tensor: str) -> set[str]:
+        seen, stack = set(), [tensor]
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in producer:
+                stack.extend(producer[name].input)
+        return seen
+
+    keep: set[str] = set()
+    for node in model.graph.node:
+        activations = [t for t in node.input if t and t not in constants]
+        if len(activations) != 2 or node.op_type not in ("Add", "Mul"):
+            continue
+        a, b = activations
+        if node.op_type == "Mul":
+            keep.update(node.output)
+        elif a in ancestors(b) or b in ancestors(a):
+            keep.update([a, b, *node.output])
+    return keep
+
+
+def quantize_with_ranges(
+    model,
+    ranges: RangeSet,
+    target: str = "cpu",
+    keep_fp32: Iterable[str] = (),
+    quantize_embeddings: bool = False,
+):
+    """The Q/DQ graph of `model` (onnx.ModelProto) for `target`, nodes in `keep_fp32` left in float.
+
+    Returns (quantized onnx.ModelProto, names of the quantized nodes). Raises DcncError when `keep_fp32`
+    names a node the graph does not have.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    config = check_target(target)
+    keep_fp32 = list(keep_fp32)
+    node_names = {node.name for node in model.graph.node}
+    unknown = [n for n in keep_fp32 if n not in node_names]
+    if unknown:
+        raise DcncError(f"keep-fp32: the graph has no node {unknown[0]!r}")
+    candidates = quantizable_nodes(model, target, quantize_embeddings)
+    chosen = set(candidates)
+    if not any(node.op_type in WEIGHT_OPS for node in model.graph.node if node.name in chosen):
+        raise DcncError("int8: the graph has no Gemm/MatMul with a constant weight to quantize")
+    skip_path = unclipped_tensors(model)
+    data = {}
+    for name, calibrated in ranges.calibrated.items():
+        low, high = ranges.minmax[name] if name in skip_path else calibrated
+        data[name] = TensorData(lowest=np.array(low, dtype=np.float32), highest=np.array(high, dtype=np.float32))
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    op_types = list(config.op_types) + (list(EMBEDDING_OPS) if quantize_embeddings else [])
+    extra_options = {
+        "ActivationSymmetric": config.symmetric_activations,
+        "WeightSymmetric": True,
+        "QuantizeBias": config.quantize_bias,
+        "MatMulConstBOnly": True,
+        "OpTypesToExcludeOutputQuantization": [] if config.quantize_outputs else list(WEIGHT_OPS),
+    }
+    with tempfile.TemporaryDirectory(prefix="dcnc-int8-") as tmp, _quiet_quantizer():
+        cache = Path(tmp) / "ranges.json"
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
+        out = Path(tmp) / "int8.onnx"
+        try:
+            quantize_static(
+                model,
+                out,
+                None,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=op_types,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=types[config.activation_type],
+                weight_type=types[config.weight_type],
+                nodes_to_exclude=keep_fp32,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options=extra_options,
+                calibration_cache_path=cache,
+            )
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise DcncError(f"int8: onnxruntime could not quantize the graph ({err})") from None
+        quantized = onnx.load(out)
+    kept = set(keep_fp32)
+    return quantized, [n for n in candidates if n not in kept]
+
+
+def quantize_int8(
+    model,
+    feeds,
+    method: str = "minmax",
+    target: str = "cpu",
+    keep_fp32: Iterable[str] = (),
+    quantize_embeddings: bool = False,
+    cache_dir: str | Path | None = None,
+    percentile: float = DEFAULT_PERCENTILE,
+    progress: bool = False,
+):
+    """Calibrate `model` on `feeds` and return its INT8 Q/DQ graph for `target` with a QuantRecord.
+
+    model: onnx.ModelProto or a path to one. feeds: a CalibrationData, or an iterable of feed dicts (batches;
+    it is materialised so both calibration passes see the same data). method: minmax | entropy | percentile.
+    target: cpu | tensorrt. keep_fp32: node names left in float. quantize_embeddings: also store embedding
+    tables as int8. cache_dir: where calibration.json lives (reused when its key matches graph, data and
+    method; rewritten otherwise); None disables caching.
+    """
+    from calibration.calibrate import calibrated_ranges
+
+    check_target(target)
+    model = _load_model(model)
+    ranges, key, cache_hit, samples = calibrated_ranges(model, feeds, method, percentile, cache_dir, progress)
+    quantized, nodes = quantize_with_ranges(model, ranges, target, keep_fp32, quantize_embeddings)
+    record = QuantRecord(
+        target=target,
+        method=method,
+        percentile=percentile if method == "percentile" else None,
+        calibration_key=key,
+        cache_hit=cache_hit,
+        calibration_samples=samples,
+        quantized_nodes=nodes,
+        kept_fp32=list(keep_fp32),
+        quantize_embeddings=quantize_embeddings,
+        unclipped_tensors=sorted(unclipped_tensors(model)),
+        config=asdict(TARGET_CONFIGS[target]),
+    )
+    return quantized, record
+
+
+def _load_model(model):
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise DcncError(f"{path}: ONNX model not found")
+    try:
+        return onnx.load(path)
+    except Exception as err:  # onnx raises DecodeError and friends
+        raise DcncError(f"{path}: not a readable ONNX model ({err})") from None
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime.quantization logs advice ("consider pre-processing") on the root logger at WARNING."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)

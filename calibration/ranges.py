@@ -1,0 +1,239 @@
+"""Activation ranges from calibration data: minmax, entropy (KL over 2048-bin histograms) and percentile.
+
+Ranges are collected here rather than through onnxruntime's quantize_static, whose Entropy path builds
+128-bin histograms and searches 128 quantised bins: with num_bins == num_quantized_bins the search has a
+single candidate, the full range, so "entropy" silently equals minmax. Here every float activation is made a
+graph output and the model is run twice over the data: pass 1 records each tensor's min and max, pass 2 (for
+entropy and percentile) fills a histogram of |x| with 2048 bins over [0, amax] — fixed edges, so batches add
+up exactly instead of being re-binned as the range grows. Exact zeros are left out of the histogram: zero is
+always representable, and the spike of zeros after a ReLU would otherwise drag the entropy threshold to a
+fraction of the range (measured: ReLU outputs clipped from 1.5 to 0.19, recall@100 down 20%). The thresholds follow TensorRT's calibrators:
+
+- entropy: the clipping threshold T (bin 128..2048) whose 128-level quantisation of the clipped histogram has
+  the least KL divergence from it (TensorRT EntropyCalibration2);
+- percentile: T = the `percentile` of |x| (e.g. 99.99);
+- minmax: no clipping.
+
+The range of a tensor is then [max(min, -T), min(max, T)]. Per-channel weight ranges are not collected here:
+weights are constants, and onnxruntime's quantizer computes their per-channel scales from the initializers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from toolkit.errors import DcncError
+
+METHODS = ("minmax", "entropy", "percentile")
+NUM_BINS = 2048
+QUANTIZED_LEVELS = 128  # int8 levels on one side of zero, as in TensorRT's entropy calibrator
+DEFAULT_PERCENTILE = 99.99
+
+Range = tuple[float, float]
+
+
+@dataclass
+class RangeSet:
+    """Per activation tensor: the observed [min, max] and the range the method chose (clipped or not)."""
+
+    method: str
+    minmax: dict[str, Range] = field(default_factory=dict)
+    calibrated: dict[str, Range] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "tensors": {
+                name: {"minmax": list(self.minmax[name]), "calibrated": list(self.calibrated[name])}
+                for name in sorted(self.minmax)
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RangeSet:
+        tensors = data["tensors"]
+        return cls(
+            method=data["method"],
+            minmax={n: (float(t["minmax"][0]), float(t["minmax"][1])) for n, t in tensors.items()},
+            calibrated={n: (float(t["calibrated"][0]), float(t["calibrated"][1])) for n, t in tensors.items()},
+        )
+
+
+def check_method(method: str, percentile: float = DEFAULT_PERCENTILE) -> None:
+    if method not in METHODS:
+        raise DcncError(f"--calib-method must be one of {list(METHODS)}, got {method!r}")
+    if method == "percentile" and not 50.0 < percentile <= 100.0:
+        raise DcncError(f"--percentile must be in (50, 100], got {percentile}")
+
+
+def activation_tensors(model) -> list[str]:
+    """Names of the float32 tensors computed at run time (graph inputs and node outputs; no initializers,
+    no Constant outputs), in graph order: every tensor a Q/DQ pair could be placed on."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input,
+                                                            *inferred.graph.output]}  # fmt: skip
+    initializers = {init.name for init in model.graph.initializer}
+    names = [v.name for v in model.graph.input if v.name not in initializers]
+    for node in model.graph.node:
+        if node.op_type != "Constant":
+            names.extend(node.output)
+    return [n for n in dict.fromkeys(names) if n and types.get(n) == onnx.TensorProto.FLOAT]
+
+
+def collect_ranges(
+    model,
+    batches,
+    method: str = "minmax",
+    percentile: float = DEFAULT_PERCENTILE,
+    num_bins: int = NUM_BINS,
+    progress: bool = False,
+    num_batches: int | None = None,
+) -> RangeSet:
+    """Ranges of every float activation of `model` (an onnx.ModelProto) over the calibration data.
+
+    batches: a zero-argument callable returning a fresh iterator of feed dicts (e.g. CalibrationData.batches);
+    it is called once per pass. progress: show a progress bar on stderr (num_batches per pass sizes it).
+    """
+    check_method(method, percentile)
+    tensors = activation_tensors(model)
+    session = _tapped_session(model, tensors)
+    passes = 1 if method == "minmax" else 2
+    with _bar(progress, passes * num_batches if num_batches else None) as advance:
+        low = {n: np.inf for n in tensors}
+        high = {n: -np.inf for n in tensors}
+        for outputs in _run(session, tensors, batches(), advance):
+            for name, value in outputs.items():
+                if value.size:
+                    low[name] = min(low[name], float(value.min()))
+                    high[name] = max(high[name], float(value.max()))
+        if not all(np.isfinite(low[n]) for n in tensors):
+            raise DcncError("calibration data is empty: no batch reached the graph")
+        minmax = {n: (low[n], high[n]) for n in tensors}
+        if method == "minmax":
+            return RangeSet(method, minmax, dict(minmax))
+        amax = {n: max(abs(low[n]), abs(high[n])) for n in tensors}
+        histograms = {n: np.zeros(num_bins, dtype=np.int64) for n in tensors}
+        for outputs in _run(session, tensors, batches(), advance):
+            for name, value in outputs.items():
+                magnitudes = np.abs(value[value != 0])  # exact zeros quantize exactly: they must not pull T down
+                if amax[name] > 0 and magnitudes.size:
+                    histograms[name] += np.histogram(magnitudes, bins=num_bins, range=(0.0, amax[name]))[0]
+    calibrated = {}
+    for name in tensors:
+        if amax[name] == 0 or not histograms[name].any():
+            calibrated[name] = minmax[name]
+            continue
+        edges = np.linspace(0.0, amax[name], num_bins + 1)
+        if method == "entropy":
+            threshold = entropy_threshold(histograms[name], edges)
+        else:
+            threshold = percentile_threshold(histograms[name], edges, percentile)
+        calibrated[name] = (max(low[name], -threshold), min(high[name], threshold))
+    return RangeSet(method, minmax, calibrated)
+
+
+def entropy_threshold(hist: np.ndarray, edges: np.ndarray, levels: int = QUANTIZED_LEVELS) -> float:
+    """The |x| clipping threshold minimising KL(P || Q), TensorRT's EntropyCalibration2 search.
+
+    For every candidate i in [levels, len(hist)]: P = hist[:i] with the clipped outliers added to its last bin;
+    Q = hist[:i] merged into `levels` bins and spread back evenly over the bins that were non-zero. The
+    threshold is the upper edge of bin i for the i with the least divergence (all candidates are scanned:
+    the divergence has local minima, so a coarse-to-fine search lands elsewhere).
+    """
+    hist = hist.astype(np.float64)
+    bins = len(hist)
+    if bins <= levels:
+        return float(edges[-1])
+    tail = np.cumsum(hist[::-1])[::-1]  # tail[i] = sum(hist[i:])
+    divergences = [_divergence(hist, tail, i, levels) for i in range(levels, bins + 1)]
+    best = int(np.argmin(divergences))
+    if not np.isfinite(divergences[best]):
+        return float(edges[-1])
+    return float(edges[levels + best])
+
+
+def _divergence(hist: np.ndarray, tail: np.ndarray, i: int, levels: int) -> float:
+    """KL(P || Q) for clipping at bin i (see entropy_threshold); inf where Q has no mass and P has some."""
+    p = hist[:i].copy()
+    if i < len(hist):
+        p[-1] += tail[i]
+    total = p.sum()
+    if total == 0:
+        return np.inf
+    starts = (np.arange(levels) * i) // levels
+    nonzero = hist[:i] > 0
+    merged = np.add.reduceat(hist[:i], starts)
+    counts = np.add.reduceat(nonzero.astype(np.float64), starts)
+    per_bin = np.divide(merged, counts, out=np.zeros_like(merged), where=counts > 0)
+    q = np.repeat(per_bin, np.diff(np.append(starts, i))) * nonzero
+    support = p > 0
+    if np.any(q[support] == 0):
+        return np.inf
+    p_n, q_n = p[support] / total, q[support] / q.sum()
+    return float(np.sum(p_n * np.log(p_n / q_n)))
+
+
+def percentile_threshold(hist: np.ndarray, edges: np.ndarray, percentile: float) -> float:
+    """The upper edge of the histogram bin where the cumulative share of |x| reaches `percentile` %."""
+    cdf = np.cumsum(hist) / max(hist.sum(), 1)
+    index = int(np.searchsorted(cdf, percentile / 100.0))
+    return float(edges[min(index + 1, len(edges) - 1)])
+
+
+def _tapped_session(model, tensors: list[str]):
+    """An onnxruntime session of `model` with every tensor in `tensors` also a graph output, unoptimised so
+    each named tensor exists as in the graph."""
+    import onnx
+    import onnxruntime as ort
+
+    from toolkit.backends.ort.loader import OrtOptions, session_options
+
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(model)
+    present = {o.name for o in tapped.graph.output}
+    for name in tensors:
+        if name not in present:
+            tapped.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    options = session_options(OrtOptions(opt_level="disable"))
+    try:
+        return ort.InferenceSession(tapped.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises untyped errors
+        raise DcncError(f"calibration: onnxruntime cannot run the graph ({str(err).splitlines()[0]})") from None
+
+
+def _run(session, tensors: list[str], batches, advance):
+    for feeds in batches:
+        try:
+            values = session.run(tensors, feeds)
+        except Exception as err:  # onnxruntime raises untyped errors
+            raise DcncError(f"calibration: the graph failed on a batch ({str(err).splitlines()[0]})") from None
+        advance()
+        yield dict(zip(tensors, values))
+
+
+class _bar:
+    """A rich progress bar over calibration batches (a no-op when disabled); yields a callable to advance it."""
+
+    def __init__(self, enabled: bool, total: int | None):
+        self.enabled = enabled
+        self.total = total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=Console(stderr=True))  # fmt: skip
+        self.progress.__enter__()
+        task = self.progress.add_task("calibrating", total=self.total)
+        return lambda: self.progress.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)

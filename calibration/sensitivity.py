@@ -1,0 +1,243 @@
+"""Sensitivity analysis: which quantized nodes (or layers, or branches) cost the task metric, and the fewest to
+keep in FP32 so the INT8 graph meets a target ratio of the FP32 metric.
+
+The metric is the one the tower exists for (DESIGN decision 6): recall@K against known relevant pairs for a
+retrieval tower (agreement@K of top-K neighbours where there are none), AUC for a ranker with labels, mean
+cosine otherwise; the ratio is metric(INT8) / metric(FP32).
+
+Method: with all units quantized, measure the metric; then, one unit at a time, keep that unit in FP32 and
+measure again (leave-one-out recovery). Units are then kept in FP32 in order of recovery, best first, until
+the ratio reaches `min_metric_ratio`; each step is a point on the curve (units kept vs metric vs latency).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration.qdq import quantizable_nodes, quantize_with_ranges
+from calibration.ranges import RangeSet
+from toolkit.errors import DcncError
+from toolkit.fileio import atomic_write_text
+
+GRANULARITIES = ("node", "layer", "branch")
+METRICS = ("recall", "agreement", "auc", "cosine")
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+# Containers of the toolkit's towers whose children are the branches (interaction.cross, heads.click, ...).
+CONTAINER_SCOPES = ("interaction", "sequence", "heads")
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+@dataclass
+class CurvePoint:
+    """The graph with `kept` units in FP32: its metric, ratio to FP32, and latency (ms per eval batch)."""
+
+    kept: list[str]
+    metric: float
+    ratio: float
+    latency_ms: float | None = None
+
+
+@dataclass
+class SensitivityReport:
+    metric: str
+    fp32_metric: float
+    min_metric_ratio: float
+    granularity: str
+    units: dict[str, list[str]]  # unit -> its quantizable nodes
+    recovery: dict[str, float]  # unit -> metric with only that unit kept in FP32
+    curve: list[CurvePoint] = field(default_factory=list)
+    fp32_latency_ms: float | None = None
+
+    @property
+    def met(self) -> bool:
+        return bool(self.curve) and self.curve[-1].ratio >= self.min_metric_ratio
+
+    @property
+    def keep_fp32(self) -> list[str]:
+        """Node names to keep in FP32: those of the units of the last curve point."""
+        return [node for unit in (self.curve[-1].kept if self.curve else []) for node in self.units[unit]]
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"met": self.met, "keep_fp32": self.keep_fp32}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def agreement_metric(k: int = 100, corpus: np.ndarray | None = None) -> Metric:
+    """agreement@K of exact inner-product top-K lists: each output row is a query, searched in `corpus` (e.g.
+    the FP32 item embeddings, for a query tower) or, without one, in the outputs themselves (reference rows
+    for the reference, candidate rows for the candidate), so an item tower is judged by its own neighbourhoods."""
+    from toolkit.metrics import agreement_at_k, exact_top_k
+
+    def metric(reference: np.ndarray, candidate: np.ndarray) -> float:
+        ref_corpus = reference if corpus is None else corpus
+        cand_corpus = candidate if corpus is None else corpus
+        top = min(k, len(ref_corpus))
+        ids_ref = exact_top_k(reference, [ref_corpus], top).ids
+        ids_cand = exact_top_k(candidate, [cand_corpus], top).ids
+        return agreement_at_k(ids_ref, ids_cand, [top])[top]
+
+    return metric
+
+
+def recall_metric(k: int, relevance: np.ndarray, partner: np.ndarray, side: str) -> Metric:
+    """recall@K of a two-tower retrieval with one tower's outputs replaced by the candidate's: `side` "query"
+    searches the candidate's rows in the `partner` item embeddings (FP32), "item" searches the FP32 `partner`
+    queries in the candidate's rows. relevance: int [P, 2] (query row, item row)."""
+    from toolkit.metrics import exact_top_k, recall_at_k
+
+    if side not in ("query", "item"):
+        raise DcncError(f"recall metric: side must be query or item, got {side!r}")
+
+    def metric(reference: np.ndarray, candidate: np.ndarray) -> float:
+        queries, items = (candidate, partner) if side == "query" else (partner, candidate)
+        top = min(k, len(items))
+        return recall_at_k(exact_top_k(queries, [items], top).ids, relevance, [top])[top]
+
+    return metric
+
+
+def auc_metric(labels: np.ndarray) -> Metric:
+    """AUC of the candidate's first output (a logit or probability) against 0/1 `labels`."""
+    from toolkit.metrics import auc
+
+    return lambda reference, candidate: auc(labels, candidate.ravel())
+
+
+def cosine_metric(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean cosine similarity of the rows of the two outputs (flattened per row)."""
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
+    dots = np.sum(ref * cand, axis=1)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    return float(np.mean(np.divide(dots, norms, out=np.ones_like(dots), where=norms > 0)))
+
+
+def unit_of(node, granularity: str) -> str:
+    """The layer or branch a node belongs to. Canonical names (`cross/1/Gemm`, graphs.passes.canonicalize)
+    give `cross/1` and `cross`; otherwise the exporter's module scope (`interaction.cross.layers.1.linear`)
+    gives the layer (cut after the first list index) and the branch (`interaction.cross`, `head`)."""
+    if granularity == "node":
+        return node.name
+    if "/" in node.name:
+        parts = node.name.split("/")
+        return "/".join(parts[:2]) if granularity == "layer" else parts[0]
+    scope = _module_scope(node)
+    if not scope:
+        return node.name
+    parts = scope.split(".")
+    if granularity == "layer":
+        index = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+        return ".".join(parts[: index + 1])
+    return ".".join(parts[:2]) if parts[0] in CONTAINER_SCOPES and len(parts) > 1 else parts[0]
+
+
+def group_units(model, nodes: list[str], granularity: str) -> dict[str, list[str]]:
+    """unit -> the given node names in it, units in graph order."""
+    if granularity not in GRANULARITIES:
+        raise DcncError(f"--granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
+    wanted = set(nodes)
+    units: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.name in wanted:
+            units.setdefault(unit_of(node, granularity), []).append(node.name)
+    return units
+
+
+def sensitivity(
+    model,
+    ranges: RangeSet,
+    eval_feeds: dict[str, np.ndarray],
+    metric: Metric,
+    metric_name: str = "agreement@100",
+    target: str = "cpu",
+    granularity: str = "node",
+    min_metric_ratio: float = 0.999,
+    quantize_embeddings: bool = False,
+    time_latency: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> SensitivityReport:
+    """Measure each unit's effect on `metric` and find the fewest units to keep in FP32 for `min_metric_ratio`.
+
+    model: the FP32 onnx.ModelProto. ranges: its calibrated ranges. eval_feeds: inputs for one evaluation
+    batch (the metric is computed on the graph's first output). time_latency: time each curve point on the
+    eval batch (median of interleaved runs against FP32). progress: called with a line per measurement.
+    """
+    if not 0.0 < min_metric_ratio <= 1.0:
+        raise DcncError(f"--min-metric-ratio must be in (0, 1], got {min_metric_ratio}")
+    say = progress or (lambda line: None)
+    fp32_session = _session(model)
+    reference = fp32_session.run(None, eval_feeds)[0]
+    fp32_metric = metric(reference, reference)
+    if not fp32_metric > 0:
+        raise DcncError(f"sensitivity: the FP32 graph scores {metric_name} = {fp32_metric}; nothing to keep a ratio of")
+    units = group_units(model, quantizable_nodes(model, target, quantize_embeddings), granularity)
+
+    def measure(kept: list[str]) -> tuple[float, object]:
+        nodes = [n for unit in kept for n in units[unit]]
+        quantized, _ = quantize_with_ranges(model, ranges, target, nodes, quantize_embeddings)
+        session = _session(quantized)
+        return metric(reference, session.run(None, eval_feeds)[0]), session
+
+    report = SensitivityReport(metric_name, fp32_metric, min_metric_ratio, granularity, units, {})
+    all_int8, session = measure([])
+    say(f"all {len(units)} {granularity}(s) int8: {metric_name} ratio {all_int8 / fp32_metric:.4f}")
+    points = [([], all_int8, session)]
+    if all_int8 / fp32_metric < min_metric_ratio:
+        for unit in units:
+            report.recovery[unit] = measure([unit])[0]
+            say(f"  {unit} kept fp32: ratio {report.recovery[unit] / fp32_metric:.4f}")
+        order = sorted(units, key=lambda u: -report.recovery[u])
+        for count in range(1, len(order) + 1):
+            kept = order[:count]
+            value, session = measure(kept) if count < len(order) else (fp32_metric, fp32_session)
+            points.append((kept, value, session))
+            say(f"keep {count} fp32: ratio {value / fp32_metric:.4f}")
+            if value / fp32_metric >= min_metric_ratio:
+                break
+    latencies = _latencies(fp32_session, [p[2] for p in points], eval_feeds) if time_latency else None
+    if latencies is not None:
+        report.fp32_latency_ms = latencies[0]
+    for i, (kept, value, _) in enumerate(points):
+        latency = latencies[i + 1] if latencies is not None else None
+        report.curve.append(CurvePoint(list(kept), float(value), float(value / fp32_metric), latency))
+    return report
+
+
+def _latencies(fp32_session, sessions: list, feeds: dict[str, np.ndarray]) -> list[float]:
+    """Median ms of one run of each session (FP32 first), timed interleaved so load drift hits all alike."""
+    from toolkit.latency import time_interleaved
+
+    calls = {"fp32": lambda: fp32_session.run(None, feeds)}
+    calls |= {str(i): (lambda s=s: s.run(None, feeds)) for i, s in enumerate(sessions)}
+    samples = time_interleaved(calls, warmup=2, iterations=7)
+    return [float(np.median(samples[name])) for name in calls]
+
+
+def _session(model):
+    """A CPU session that does not spin: with several sessions alive and timed in turn, the idle ones' spinning
+    intra-op threads would otherwise steal the cores from the one being timed (measured: 10x distortions)."""
+    import onnxruntime as ort
+
+    from toolkit.backends.ort.loader import OrtOptions, session_options
+
+    options = session_options(OrtOptions())
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _module_scope(node) -> str:
+    """The innermost module path in the exporter's name scopes, e.g. `interaction.cross.layers.1.linear`."""
+    for prop in node.metadata_props:
+        if prop.key == SCOPES_KEY:
+            scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
+            modules = [s for s in scopes[:-1] if s]  # the last scope is the op itself (linear_1)
+            return modules[-1] if modules else ""
+    return ""
