@@ -126,9 +126,10 @@ def agreement_at_k(ids_a: np.ndarray, ids_b: np.ndarray, ks: Iterable[int]) -> d
     for k in sorted(set(ks)):
         if not 1 <= k <= k_max:
             raise DcncError(f"agreement@K: K must be in [1, {k_max}], got {k}")
-        keys_a = _pair_keys(rows, ids_a[:, :k], num_items)
-        keys_b = _pair_keys(rows, ids_b[:, :k], num_items)
-        result[k] = float(np.isin(keys_a, keys_b).sum() / (num_queries * k))
+        keys_a = _pair_keys(rows, ids_a[:, :k], num_items).ravel()
+        keys_b = np.sort(_pair_keys(rows, ids_b[:, :k], num_items), axis=None)
+        found = keys_b[np.searchsorted(keys_b, keys_a).clip(max=len(keys_b) - 1)] == keys_a
+        result[k] = float(found.sum() / (num_queries * k))
     return result
 
 
