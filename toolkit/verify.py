@@ -283,6 +283,9 @@ def verify(
         raise DcncError(f"--device must be cpu or cuda, got {device!r}")
     baseline_report = load_baseline(baseline) if baseline is not None else None
     manifest = check_bundle(bundle)
+    built_for = manifest.device.get("kind", "cpu")
+    if built_for != device:
+        raise DcncError(f"{bundle}: built for {built_for} ({manifest.backend} backend); verify it with --device {built_for}")
     thresholds = resolve_thresholds(manifest.precision, gates_file, overrides)
     loaded = load_model(str(reference))
     if data is None:

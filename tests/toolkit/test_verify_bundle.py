@@ -15,6 +15,7 @@ from cli import app
 from graphs.export import export_model
 from toolkit.build import build_bundle
 from toolkit.checkpoint import save_checkpoint
+from toolkit.errors import DcncError
 from toolkit.loading import load_model
 from toolkit.models.families import build_model
 from toolkit.signature import random_inputs
@@ -84,6 +85,28 @@ def test_branch_timing_of_parallel_towers_is_reported(case):
                     options=VerifyOptions(ks=(1,), batch_sizes=(16,), warmup=1, iterations=2))
     timing = report.latency["branches"]["query"]
     assert timing["t_cross_ms"] > 0 and timing["t_deep_ms"] > 0 and timing["ratio"] > 0
+
+
+def test_evaluation_data_defaults_to_the_split_the_checkpoint_names(case, tmp_path):
+    import shutil
+
+    from toolkit.checkpoint import load_checkpoint
+
+    model, spec, _ = load_checkpoint(case / "model.pt")
+    save_checkpoint(model, spec, tmp_path / "named.pt", extra={"eval_data": "eval.npz"})
+    shutil.copy(case / "eval.npz", tmp_path / "eval.npz")
+    report = verify(tmp_path / "named.pt", case / "bundle", options=VerifyOptions(ks=(1,), latency=False))
+    assert report.passed and report.data == str(tmp_path / "eval.npz")
+
+
+def test_without_data_or_a_named_split_verify_asks_for_data(case):
+    with pytest.raises(DcncError, match="pass --data"):
+        verify(case / "model.pt", case / "bundle", options=FAST)
+
+
+def test_a_cpu_bundle_is_not_verified_on_cuda(case):
+    with pytest.raises(DcncError, match="built for cpu .* --device cpu"):
+        verify(case / "model.pt", case / "bundle", case / "eval.npz", device="cuda", options=FAST)
 
 
 CLI_FAST = ["--k", "1,5", "--batch-sizes", "1,16", "--iterations", "3", "--warmup", "1", "--no-branches"]
