@@ -156,5 +156,45 @@ def build(
     print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {batch}")
 
 
+@app.command()
+@user_errors
+def calibrate(
+    model: str = typer.Argument(..., help="The FP32 tower graph (.onnx) to calibrate."),
+    calib: str = typer.Option(..., "--calib", help="Calibration data: .npz keyed by input name, .npy (one-input graphs), a folder of .npz shards, or dataset:NAME."),
+    out: str = typer.Option(..., "--out", help="Folder for calibration.json (reused when graph, data and method match)."),
+    calib_method: str = typer.Option("minmax", "--calib-method", help="minmax | entropy (KL, 2048-bin histograms) | percentile."),
+    calib_samples: int = typer.Option(None, "--calib-samples", help="Use this many samples, drawn with --seed (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --calib-samples draw."),
+    percentile: float = typer.Option(99.99, "--percentile", help="Percentile of |x| kept by --calib-method percentile."),
+    trt_table: bool = typer.Option(False, "--trt-table", help="Also write calibration.trt.cache, TensorRT's calibration table (implicit INT8, TensorRT <= 10)."),
+    trt_version: str = typer.Option(None, "--trt-version", help="TensorRT version the table is for (default: the installed tensorrt)."),
+    eval_data: str = typer.Option(None, "--eval", help="Run sensitivity analysis on this .npz of tower inputs (+ optional 'label' for AUC); writes sensitivity.json."),
+    target: str = typer.Option("cpu", "--target", help="INT8 target the sensitivity analysis quantizes for: cpu | tensorrt."),
+    granularity: str = typer.Option("layer", "--granularity", help="Sensitivity units: node | layer | branch."),
+    min_metric_ratio: float = typer.Option(0.999, "--min-metric-ratio", help="Keep the fewest units in FP32 so that INT8 metric / FP32 metric reaches this."),
+) -> None:
+    """Calibrate a tower graph for INT8: activation ranges into a keyed cache, optionally a TensorRT table and a sensitivity curve."""
+    from calibration.calibrate import analyse_sensitivity
+    from calibration.calibrate import calibrate as run_calibration
+
+    summary = run_calibration(
+        model, calib, out, calib_method, calib_samples, seed, percentile, trt_table, trt_version, progress=True
+    )
+    state = "reused" if summary["reused"] else "written"
+    print(f"{summary['cache']}: {state} ({summary['tensors']} tensors, {summary['samples']} samples, {calib_method})")
+    if "tensorrt_table" in summary:
+        print(f"{summary['tensorrt_table']}: TensorRT calibration table")
+    if eval_data is not None:
+        report = analyse_sensitivity(
+            model, calib, eval_data, out, calib_method, target, granularity, min_metric_ratio,
+            calib_samples, seed, percentile, progress=lambda line: console.print(line, highlight=False),
+        )  # fmt: skip
+        print(f"{report.metric}: FP32 {report.fp32_metric:.4f}; FP32 units kept -> ratio, latency (FP32 {report.fp32_latency_ms:.2f} ms)")
+        for point in report.curve:
+            print(f"  {len(point.kept):3d}  {point.ratio:.4f}  {point.latency_ms:.2f} ms  {', '.join(point.kept[-1:])}")
+        verdict = "met" if report.met else "NOT met"
+        print(f"target {min_metric_ratio} {verdict}; keep in FP32: {report.keep_fp32 or 'nothing'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

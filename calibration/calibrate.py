@@ -1,10 +1,11 @@
-"""Calibration end to end: data in, ranges out, through the cache (`dcnc calibrate`, and the INT8 build's first step)."""
+"""Calibration end to end: data in, ranges out through the cache, and optionally the sensitivity analysis on top
+(`dcnc calibrate`; the INT8 build's first step)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from calibration.data import check_feeds
+from calibration.data import check_feeds, load_npz
 from calibration.cache import (
     CACHE_NAME,
     TRT_TABLE_NAME,
@@ -18,6 +19,8 @@ from calibration.cache import (
 from calibration.ranges import DEFAULT_PERCENTILE, NUM_BINS, RangeSet, check_method, collect_ranges
 from calibration.reader import CalibrationData, graph_input_specs, load_calibration
 from toolkit.errors import DcncError
+
+SENSITIVITY_NAME = "sensitivity.json"
 
 
 def calibrated_ranges(
@@ -100,3 +103,51 @@ def _materialise(feeds, specs) -> CalibrationData:
     sizes = [check_feeds(batch, specs, f"calibration batch {i}") for i, batch in enumerate(batches)]
     arrays = {s.name: np.concatenate([batch[s.name] for batch in batches]) for s in specs}
     return CalibrationData(arrays, batch_size=max(sizes))
+
+
+def analyse_sensitivity(
+    model_path: str | Path,
+    calib: str | Path,
+    eval_data: str | Path,
+    out_dir: str | Path,
+    method: str = "minmax",
+    target: str = "cpu",
+    granularity: str = "layer",
+    min_metric_ratio: float = 0.999,
+    samples: int | None = None,
+    seed: int = 0,
+    percentile: float = DEFAULT_PERCENTILE,
+    k: int = 100,
+    progress=None,
+):
+    """Calibrate (through the cache), then run sensitivity analysis on `eval_data` and write
+    `out_dir`/sensitivity.json (curve, recovery per unit, keep_fp32). Returns the SensitivityReport.
+
+    eval_data: an .npz of the tower's inputs, plus an optional `label` (0/1 per row) to judge by AUC. Without
+    labels, a tower whose first output is a matrix (an embedding) is judged by agreement@k of its rows'
+    top-k neighbours among themselves, any other by mean cosine.
+    """
+    import numpy as np
+
+    from calibration.qdq import _load_model, check_target
+    from calibration.sensitivity import agreement_metric, auc_metric, cosine_metric, sensitivity
+
+    check_method(method, percentile)
+    check_target(target)
+    model = _load_model(model_path)
+    specs = graph_input_specs(model)
+    data = load_calibration(calib, specs, samples=samples, seed=seed)
+    ranges, _, _, _ = calibrated_ranges(model, data, method, percentile, out_dir)
+    arrays = load_npz(eval_data)
+    labels = arrays.pop("label", None)
+    check_feeds(arrays, specs, str(eval_data))
+    output = model.graph.output[0].type.tensor_type.shape
+    if labels is not None:
+        metric, name = auc_metric(np.asarray(labels).ravel()), "auc"
+    elif len(output.dim) == 2:
+        metric, name = agreement_metric(k), f"agreement@{k}"
+    else:
+        metric, name = cosine_metric, "cosine"
+    report = sensitivity(model, ranges, arrays, metric, name, target, granularity, min_metric_ratio, progress=progress)
+    report.save(Path(out_dir) / SENSITIVITY_NAME)
+    return report
