@@ -75,6 +75,15 @@ def _check_outputs(outputs: dict[str, np.ndarray], expected: list[str], side: st
         raise DcncError(f"{side} tower {tower!r} returns {list(outputs)}, not the reference outputs {expected}")
 
 
+def _concat(parts: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([part[name] for part in parts]) for name in names}
+
+
+def _by_k(values: dict[int, float]) -> dict[str, float]:
+    """JSON object keys are strings."""
+    return {str(k): v for k, v in values.items()}
+
+
 class _Pair:
     """Reference and candidate runner of one tower, run on the same rows, with parity accumulated per output."""
 
@@ -96,8 +105,7 @@ class _Pair:
                 self.parity[name].update(ref[name], cand[name])
             ref_parts.append(ref)
             cand_parts.append(cand)
-        join = lambda parts: {n: np.concatenate([p[n] for p in parts]) for n in self.outputs}  # noqa: E731
-        return join(ref_parts), join(cand_parts)
+        return _concat(ref_parts, self.outputs), _concat(cand_parts, self.outputs)
 
     def parity_report(self) -> dict[str, dict[str, Any]]:
         return {f"{self.tower}/{name}": acc.result() for name, acc in self.parity.items()}
@@ -121,14 +129,13 @@ def evaluate_retrieval(pairs: dict[str, _Pair], data: RetrievalEval, ks: tuple[i
     recall_cand = metrics.recall_at_k(top_cand.ids, data.relevance, ks)
     ratio = {k: recall_cand[k] / recall_ref[k] if recall_ref[k] > 0 else float(recall_cand[k] == 0) for k in ks}
     agreement = metrics.agreement_at_k(top_ref.ids, top_cand.ids, ks)
-    key = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731
     return {
         "queries": data.num_queries,
         "items": data.num_items,
         "relevant_pairs": int(len(data.relevance)),
-        "recall": {"reference": key(recall_ref), "candidate": key(recall_cand)},
-        "recall_ratio": key(ratio),
-        "agreement": key(agreement),
+        "recall": {"reference": _by_k(recall_ref), "candidate": _by_k(recall_cand)},
+        "recall_ratio": _by_k(ratio),
+        "agreement": _by_k(agreement),
     }
 
 
