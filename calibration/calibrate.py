@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from calibration.data import check_feeds, load_npz
 from calibration.cache import (
     CACHE_NAME,
     TRT_TABLE_NAME,
@@ -16,11 +16,13 @@ from calibration.cache import (
     save_cache,
     write_tensorrt_table,
 )
+from calibration.data import check_feeds, load_npz
 from calibration.ranges import DEFAULT_PERCENTILE, NUM_BINS, RangeSet, check_method, collect_ranges
 from calibration.reader import CalibrationData, graph_input_specs, load_calibration
 from toolkit.errors import DcncError
 
 SENSITIVITY_NAME = "sensitivity.json"
+INT8_METADATA_KEY = "dcnc.int8"
 
 
 def calibrated_ranges(
@@ -151,3 +153,41 @@ def analyse_sensitivity(
     report = sensitivity(model, ranges, arrays, metric, name, target, granularity, min_metric_ratio, progress=progress)
     report.save(Path(out_dir) / SENSITIVITY_NAME)
     return report
+
+
+def calibration_for_graph(calib: str | Path, specs) -> str | Path:
+    """The calibration source for one tower of a multi-tower build: a file is used as is; in a folder, the one
+    .npz whose keys are exactly the graph's inputs (e.g. query_calib.npz beside item_calib.npz), else the folder
+    itself as shards. `dataset:NAME` passes through."""
+    path = Path(calib)
+    if str(calib).startswith("dataset:") or not path.is_dir():
+        return calib
+    names = {s.name for s in specs}
+    matching = [f for f in sorted(path.glob("*.npz")) if set(load_npz(f)) == names]
+    if len(matching) == 1 and len(list(path.glob("*.npz"))) > 1:
+        return matching[0]
+    return path
+
+
+def lower_int8(model, calib: str | Path, target: str = "cpu", method: str = "minmax", samples: int | None = None,
+               seed: int = 0):  # fmt: skip
+    """The INT8 lowering of `dcnc build`: calibrate `model` on its data in `calib` and return the Q/DQ graph."""
+    from calibration.qdq import quantize_int8
+
+    specs = graph_input_specs(model)
+    data = load_calibration(calibration_for_graph(calib, specs), specs, samples=samples, seed=seed)
+    quantized, record = quantize_int8(model, data, method=method, target=target)
+    # the bundle's graph says how it was quantized (target, method, calibration key, nodes kept in FP32)
+    entry = quantized.metadata_props.add()
+    entry.key, entry.value = INT8_METADATA_KEY, json.dumps(record.to_dict(), sort_keys=True)
+    return quantized
+
+
+def lower_int8_cpu(model, calib: str | Path):
+    """`dcnc build --precision int8` for ONNX Runtime on CPU: U8S8 Q/DQ, minmax ranges."""
+    return lower_int8(model, calib, target="cpu")
+
+
+def lower_int8_tensorrt(model, calib: str | Path):
+    """`dcnc build --precision int8` for TensorRT: symmetric int8 Q/DQ, minmax ranges."""
+    return lower_int8(model, calib, target="tensorrt")
