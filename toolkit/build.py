@@ -53,13 +53,17 @@ def keep_fp32(model, calib: Path | None):
     return model
 
 
-def lowering_for(precision: str) -> Lowering:
+def lowering_for(precision: str, backend: str = "ort") -> Lowering:
     """The graph pass that decides `precision` in the ONNX (the hook the fp16/bf16 and int8 lowerings plug into).
 
     Until a precision's lowering lands this raises DcncError, so no bundle claims a precision it does not have.
     """
     if precision == "fp32":
         return keep_fp32
+    if precision == "int8":  # Q/DQ from calibration; the target's number formats follow the backend
+        from calibration.calibrate import lower_int8_cpu, lower_int8_tensorrt
+
+        return lower_int8_tensorrt if backend == "tensorrt" else lower_int8_cpu
     owner = "graphs.precision (float16 conversion)" if precision in ("fp16", "bf16") else "calibration (Q/DQ insertion)"
     raise DcncError(
         f"--precision {precision}: its lowering ({owner}) is not available yet; build fp32 for now"
@@ -196,7 +200,7 @@ def build_bundle(
         raise DcncError("--timing-cache is a TensorRT option (use it with --backend tensorrt)")
     if ort_options is not None and ort_options.cuda_graph and backend == "ort":
         raise DcncError("--cuda-graph needs a GPU backend (ort-cuda or tensorrt), not ort")
-    lower = lowering_for(precision)
+    lower = lowering_for(precision, backend)
     towers = find_towers(model)
     require_backend(backend)
     _check_output(out, force)
