@@ -42,8 +42,8 @@ from toolkit.data.evalsplit import (
     save_npz,
     split_interactions,
 )
-from toolkit.data.metrics import log_loss, recall_at_k, roc_auc
 from toolkit.errors import DcncError
+from toolkit.metrics import auc, logloss, recall_at_k
 from toolkit.models.families import Ranker, TwoTower, build_model
 from toolkit.spec import ModelSpec
 
@@ -207,9 +207,8 @@ def train_ranker(
 
     evaluation = ranking_eval(data, split.held_out, names)
     with torch.no_grad():
-        _, probability = model.eval()(*[torch.from_numpy(evaluation[n]) for n in names])
-    probability = probability.numpy()
-    metrics = {"auc": roc_auc(probability, evaluation["label"]), "logloss": log_loss(probability, evaluation["label"])}
+        logit, _ = model.eval()(*[torch.from_numpy(evaluation[n]) for n in names])
+    metrics = {"auc": auc(evaluation["label"], logit.numpy()), "logloss": logloss(evaluation["label"], logit.numpy())}
     calibration = {"ranker": calibration_sample(data, split.train, names, CALIBRATION_ROWS, seed)}
     return _write_outputs(out_dir, "ranker", model, spec, data, split, config, seed, evaluation, calibration,
                           metrics, seconds)  # fmt: skip
@@ -331,7 +330,8 @@ def _retrieval_metrics(model: TwoTower, evaluation: dict, query_names: list[str]
     corpus = model.item(*[torch.from_numpy(evaluation[f"item/{n}"]) for n in item_names])
     k = min(100, corpus.shape[0])
     ranked = torch.topk(TwoTower.score(query, corpus), k, dim=1).indices.numpy()
-    return {f"recall@{top}": recall_at_k(ranked, evaluation["relevance"], top) for top in (10, 100) if top <= k}
+    recall = recall_at_k(ranked, evaluation["relevance"], [top for top in (10, 100) if top <= k])
+    return {f"recall@{top}": value for top, value in recall.items()}
 
 
 def _write_outputs(out_dir, name, model, spec, data, split: Split, config, seed, evaluation, calibration,
