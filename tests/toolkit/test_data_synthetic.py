@@ -80,3 +80,10 @@ def test_synthetic_takes_no_data_dir(tmp_path):
 def test_unknown_dataset_name_is_refused():
     with pytest.raises(DcncError, match="dataset must be one of"):
         load_dataset("criteo")
+
+
+def test_check_refuses_an_id_outside_its_cardinality():
+    data = small()
+    data.cardinalities["user_age"] = 3  # the table holds ages 0..6
+    with pytest.raises(DcncError, match="user feature 'user_age' has ids outside \\[0, 3\\)"):
+        data.check()

@@ -45,7 +45,8 @@ def test_unknown_family_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_cli_train_writes_the_checkpoint_and_prints_the_metrics(tmp_path):
-    result = CliRunner().invoke(app, ["train", "--family", "ranking", "--epochs", "1", "--quiet", "--out", str(tmp_path)])
+    args = ["train", "--family", "ranking", "--epochs", "1", "--quiet", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "auc" in result.output and (tmp_path / "ranker.pt").is_file()
 

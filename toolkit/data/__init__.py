@@ -57,10 +57,11 @@ class Interactions:
                 raise DcncError(f"dataset {self.name}: {what} has {len(array)} rows, user has {events}")
         if events == 0:
             raise DcncError(f"dataset {self.name}: no interactions")
-        for side, table, rows in (("user", self.user_features, self.num_users), ("item", self.item_features, self.num_items)):
+        tables = (("user", self.user_features, self.num_users), ("item", self.item_features, self.num_items))
+        for side, table, rows in tables:
             for name, array in table.items():
                 if len(array) != rows:
-                    raise DcncError(f"dataset {self.name}: {side} feature {name!r} has {len(array)} rows, expected {rows}")
+                    raise DcncError(f"dataset {self.name}: {side} feature {name!r} has {len(array)} rows, not {rows}")
                 if array.dtype == np.int64:
                     high = self.cardinalities.get(name)
                     if high is None or array.min() < 0 or array.max() >= high:
