@@ -23,6 +23,8 @@ from toolkit.errors import DcncError
 ENTRY_OPS = {"Gemm", "MatMul", "Add", "Split", "Slice", "Reshape", "Transpose", "Unsqueeze", "Squeeze"}
 # Ops allowed between a cross layer's Mul(x0, q) and its residual Add (mixture gating, sum over experts, bias).
 PRODUCT_OPS = {"Mul", "ReduceSum", "Add"}
+# Ops that only reshape x0 before the cross layers multiply by it.
+VIEW_OPS = {"Unsqueeze", "Reshape", "Flatten", "Identity"}
 
 
 class ConcurrencyBroken(DcncError):
@@ -222,11 +224,16 @@ def analyze(model: onnx.ModelProto) -> BranchReport:
         layers = _layer_chain(g, x0, candidates)
         if not layers:
             continue
-        report = _classify(g, x0, layers, outputs)
-        position = g.producer.get(x0, -1)
-        key = (report.parallel, len(layers), position)
-        if best is None or key > best[0]:
-            best = (key, report)
+        reports = [_classify(g, x0, layers, outputs)]
+        view = g.producer.get(x0)
+        if view is not None and g.nodes[view].op_type in VIEW_OPS and len(g.live_inputs(view)) == 1:
+            # TorchRec's CrossNet multiplies by x0.unsqueeze(2): the shared input is the tensor before the view
+            first = CrossLayer(0, layers[0].input, layers[0].output, [g.names[view], *layers[0].nodes])
+            reports.append(_classify(g, g.live_inputs(view)[0], [first, *layers[1:]], outputs))
+        for report in reports:
+            key = (report.parallel, len(layers), g.producer.get(report.x0, -1))
+            if best is None or key > best[0]:
+                best = (key, report)
     if best is None:
         return BranchReport()
     report = best[1]
