@@ -231,5 +231,18 @@ def train(
     Console().print(table)
 
 
+@app.command()
+@user_errors
+def inspect(
+    model: str = typer.Argument(..., help="Any ONNX file: dcnc's or another exporter's."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON (adds precision per node)."),
+) -> None:
+    """Opset, inputs/outputs, op counts, parameters and FLOPs per sample per branch, branch structure, precision, Q/DQ."""
+    from graphs.inspect import format_inspection, inspect_model, inspection_json
+
+    info = inspect_model(model)
+    print(inspection_json(info) if as_json else format_inspection(info))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
