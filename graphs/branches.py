@@ -289,6 +289,8 @@ def _timing_session(model: onnx.ModelProto, threads: int | None):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.log_severity_level = 3
+    # three sessions take turns: a pool left spinning after its run would steal the cores from the next one
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -68,9 +68,13 @@ def fuse_entry_gemms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
     gemm = helper.make_node(
         "Gemm", [report.x0, new_inits[0].name, new_inits[1].name], [f"{stem}.entry"], name="entry/Gemm", transB=1
     )
-    split = helper.make_node(
-        "Split", [gemm.output[0], new_inits[2].name], [node.output[0] for _, node, _ in readers], name="entry/Split", axis=-1
-    )
+    outputs = [node.output[0] for _, node, _ in readers]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset >= 13:  # Split takes its sizes as an input from opset 13, as an attribute before
+        split = helper.make_node("Split", [gemm.output[0], new_inits[2].name], outputs, name="entry/Split", axis=-1)
+    else:
+        split = helper.make_node("Split", [gemm.output[0]], outputs, name="entry/Split", axis=-1, split=widths.tolist())
+        new_inits.pop()
     fused = {i for i, _, _ in readers}
     nodes = []
     for i, node in enumerate(model.graph.node):

@@ -94,12 +94,27 @@ def run_passes(model: onnx.ModelProto, names: str | Sequence[str] = "default") -
     return model, records
 
 
+class PassPipeline:
+    """The passes `names` as one ModelProto -> ModelProto callable (graphs.export.export_tower's `passes=`);
+    after a call, `records` holds what each pass did."""
+
+    def __init__(self, names: str | Sequence[str] = "default"):
+        self.names = resolve_passes(names)
+        self.records: list[PassRecord] = []
+
+    def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        model, self.records = run_passes(model, self.names)
+        return model
+
+
+def records_json(records: list[PassRecord]) -> str:
+    return json.dumps([r.to_dict() for r in records])
+
+
 def attach_records(model: onnx.ModelProto, records: list[PassRecord]) -> onnx.ModelProto:
     """Store the records as JSON in the model's metadata (`dcnc.passes`), replacing an earlier record."""
     kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
-    onnx.helper.set_model_props(
-        model, {**{p.key: p.value for p in kept}, METADATA_KEY: json.dumps([r.to_dict() for r in records])}
-    )
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in kept}, METADATA_KEY: records_json(records)})
     return model

@@ -161,3 +161,10 @@ def test_entry_fusion_leaves_one_gemm_reading_x0():
     assert gemms_on_x0 == ["entry/Gemm"]
     assert report.entry_nodes == ["entry/Gemm", "entry/Split"] and report.parallel
     assert "fused 2 Gemms" in records[1].changes[0]
+
+
+def test_pass_pipeline_is_a_model_to_model_callable_that_keeps_its_records():
+    pipeline = manager.PassPipeline("cleanup,canonicalize")
+    out = pipeline(zoo_graph("ranking"))
+    assert isinstance(out, onnx.ModelProto)
+    assert [r.name for r in pipeline.records] == ["cleanup", "canonicalize"]
