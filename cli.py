@@ -56,6 +56,66 @@ def main(
     """Deployment compiler for DCNv2 recommender towers: export, build, verify."""
 
 
+# --- dcnc export ----------------------------------------------------------------------------------------------
+EXPORT_EPILOG = """MODEL forms, with examples:
+
+A dcnc checkpoint (spec + weights; its towers and inputs come with it): `dcnc export runs/example/ranker.pt -o ranker.onnx`; a two-tower model writes a directory: `dcnc export runs/example/two_tower.pt -o towers/` (towers/query.onnx, towers/item.onnx).
+
+A torch.export program saved with torch.export.save (its dynamic dimensions are kept): `dcnc export tower.pt2 -o tower.onnx`.
+
+An import path package.module:factory, the factory returning an nn.Module (run from the folder holding the package, or install it): `dcnc export mypkg.towers:make_ranker --weights ranker_state.pt --input user_id:int64:B:100000 --input dense:float32:B,32 -o ranker.onnx`.
+
+Exit codes: 0 exported and validated; 1 validation failed (the files are kept for inspection); 2 bad input, or an export the exporter cannot do (nothing is written)."""
+
+
+@app.command(epilog=EXPORT_EPILOG)
+@user_errors
+def export(
+    model: str = typer.Argument(..., help="A dcnc checkpoint .pt, a torch.export program .pt2, or package.module:factory (see the examples below)."),
+    out: str = typer.Option(..., "-o", "--out", help="One tower: the .onnx file to write. Several towers: a directory, one <tower>.onnx each."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset, 18 (the exporter's own) up to the newest its converter knows; others are refused."),
+    inputs: list[str] = typer.Option(None, "--input", help="Factory models: one input NAME:DTYPE:SHAPE[:HIGH] in forward order, B the batch, e.g. x:float32:B,512 or ids:int64:B:1000 (ids below 1000). Repeat per input. Default: the module's input_specs."),
+    weights: str = typer.Option(None, "--weights", help="Factory models: a state_dict file loaded strictly (torch.load weights_only=True)."),
+    towers: list[str] = typer.Option(None, "--tower", help="Export only this tower (repeatable). Default: every tower."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Run each file in ONNX Runtime beside torch at batch 1 and --validate-batch, on random inputs and on the checkpoint's evaluation rows where it names some."),
+    atol: float = typer.Option(None, "--atol", help="Absolute tolerance per element. Default: 1e-5 x the output's scale (its largest |torch value|)."),
+    rtol: float = typer.Option(1e-5, "--rtol", help="Relative tolerance per element: pass when |onnx - torch| <= atol + rtol x |torch| (and cosine >= 0.99999 per output)."),
+    validate_batch: int = typer.Option(4096, "--validate-batch", help="The large batch validated beside batch 1."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+) -> None:
+    """Export a trained model's towers to ONNX (dynamic batch, deterministic, with dcnc metadata) and validate them against PyTorch."""
+    from rich.table import Table
+
+    from graphs.export import export_model
+    from graphs.validate import ParityFailed, worst_table
+    from toolkit.loading import load_model
+
+    loaded = load_model(model, inputs, weights)
+    for note in loaded.notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    try:
+        results = export_model(loaded, out, opset, validate, atol, rtol, towers, force, validate_batch)
+    except ParityFailed as failed:
+        Console().print(worst_table(failed.checks))
+        raise
+    table = Table(title=f"exported {loaded.source} (opset {opset})", title_justify="left")
+    for column in ("tower", "file", "size", "inputs", "outputs", "max err (/ scale)", "cosine"):
+        table.add_column(column, overflow="fold")
+    for result in results:
+        checks = result.parity or []
+        worst = max(checks, key=lambda c: c.error_to_scale, default=None)
+        table.add_row(
+            result.tower,
+            str(result.path),
+            f"{result.size / 1024:.1f} KiB",
+            "\n".join(map(str, result.inputs)),
+            "\n".join(result.outputs),
+            f"{worst.max_abs:.2g} ({worst.error_to_scale:.1e})" if worst else "not validated",
+            f"{min(c.cosine for c in checks):.7f}" if checks else "-",
+        )
+    Console().print(table)
+
+
 # --- dcnc verify ----------------------------------------------------------------------------------------------
 def _ints(text: str, option: str) -> tuple[int, ...]:
     try:
