@@ -12,7 +12,7 @@ from toolkit.models.families import build_model
 from toolkit.spec import CrossSpec, DenseFeature, ModelSpec, SparseFeature, TowerSpec
 
 
-def tiny_two_tower() -> torch.nn.Module:
+def tiny_two_tower_spec() -> ModelSpec:
     """A retrieval model small enough to export in seconds: one id feature, one dense feature per tower."""
 
     def tower() -> TowerSpec:
@@ -23,8 +23,7 @@ def tiny_two_tower() -> torch.nn.Module:
 
     spec = ModelSpec(family="retrieval", towers={"query": tower(), "item": tower()}, name="tiny")
     spec.validate()
-    torch.manual_seed(0)
-    return build_model(spec).eval()
+    return spec
 
 
 def export_tower(tower: torch.nn.Module, path: Path) -> Path:
@@ -38,7 +37,7 @@ def export_tower(tower: torch.nn.Module, path: Path) -> Path:
     model = program.model_proto
     _rename_outputs(model, list(tower.output_names))
     # weights in a side file, as torch's exporter writes them, so external data is exercised
-    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=256)
     return path
 
 
@@ -57,8 +56,14 @@ def _rename_outputs(model: onnx.ModelProto, names: list[str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def two_tower_model() -> torch.nn.Module:
-    return tiny_two_tower()
+def two_tower_spec() -> ModelSpec:
+    return tiny_two_tower_spec()
+
+
+@pytest.fixture(scope="session")
+def two_tower_model(two_tower_spec) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(two_tower_spec).eval()
 
 
 @pytest.fixture(scope="session")
