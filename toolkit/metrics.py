@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -169,8 +170,8 @@ class ParityAccumulator:
 
     Reported: max_abs and quantiles of |candidate - reference|, rel_l2 = ||c - r|| / ||r||, cosine mean and min
     per sample (a sample's output flattened; a [B] output has one scalar per sample, so its cosine is taken over
-    the whole vector), and counts of NaN / Inf on each side. Error statistics use positions where both sides
-    are finite; the counts say how many were not.
+    the whole vector), counts of NaN / Inf on each side, and the histogram of |c - r| (see `histogram`). Error
+    statistics use positions where both sides are finite; the counts say how many were not.
     """
 
     def __init__(self) -> None:
@@ -227,7 +228,23 @@ class ParityAccumulator:
             return 0.0
         return float(self.edges[bin_index]) if bin_index < len(self.edges) else self.max_abs
 
-    def result(self) -> dict[str, float | int | dict[str, float]]:
+    def histogram(self) -> dict[str, Any]:
+        """The log-spaced counts of |c - r| behind the quantiles, for plotting: `counts[i]` errors lie in
+        (`edges[i]`, `edges[i + 1]`] (edges to 6 significant digits, the last one max_abs when errors exceed
+        10**LOG_HIGH); empty bins before the first and after the last non-empty one are left out. Errors at or
+        below 10**LOG_LOW (exact matches included), which a log axis cannot show, are counted in `at_or_below`."""
+        log_bins = np.flatnonzero(self.bins[1:]) + 1  # bins[j] holds (edges[j-1], edges[j]]; bins[-1] everything above
+        histogram: dict[str, Any] = {"edges": [], "counts": [],
+                                     "at_or_below": {"value": float(self.edges[0]), "count": int(self.bins[0])}}
+        if log_bins.size:
+            first, last = int(log_bins[0]), int(log_bins[-1])
+            top = float(self.edges[last]) if last < len(self.edges) else self.max_abs
+            edges = [*self.edges[first - 1 : last], top]
+            histogram["edges"] = [float(f"{e:.6g}") for e in edges]
+            histogram["counts"] = self.bins[first : last + 1].tolist()
+        return histogram
+
+    def result(self) -> dict[str, Any]:
         if self.vector_output:
             cos = _cosine(self.dot, self.norm_ref, self.norm_cand)
             cos_mean = cos_min = cos
@@ -242,6 +259,7 @@ class ParityAccumulator:
             "error_quantiles": {f"p{100 * q:g}": self.quantile(q) for q in QUANTILES},
             "elements": self.count,
             **self.nonfinite,
+            "histogram": self.histogram(),
         }
 
 
@@ -262,7 +280,7 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, np.nan_to_num(cosine, nan=0.0))
 
 
-def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float | int | dict[str, float]]:
+def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
     """Parity statistics of one output in one call (see ParityAccumulator)."""
     accumulator = ParityAccumulator()
     accumulator.update(reference, candidate)

@@ -128,3 +128,16 @@ def test_identical_outputs_have_zero_error_and_unit_cosine():
     stats = parity(x, x.copy())
     assert stats["max_abs"] == 0.0 and stats["rel_l2"] == 0.0 and stats["error_quantiles"]["p99"] == 0.0
     assert stats["cosine_min"] == pytest.approx(1.0)
+
+
+def test_parity_histogram_counts_every_error_in_its_log_bin_and_trims_empty_ends():
+    errors = np.array([0.0, 1e-13, 1.5e-3, 2e-3, 2e-3, 0.5])
+    histogram = parity(np.zeros(6), errors)["histogram"]
+    edges, counts = np.array(histogram["edges"]), np.array(histogram["counts"])
+    assert histogram["at_or_below"] == {"value": 1e-12, "count": 2}  # the exact match and 1e-13
+    assert counts.sum() == 4 and counts[0] > 0 and counts[-1] > 0
+    assert len(edges) == len(counts) + 1 and np.all(np.diff(edges) > 0)
+    for error in (1.5e-3, 2e-3, 0.5):  # each error lies in (edges[i], edges[i + 1]] of a bin holding it
+        i = np.searchsorted(edges, error) - 1
+        assert edges[i] < error <= edges[i + 1] * (1 + 1e-6) and counts[i] >= 1
+    assert edges[0] > 1e-3 and edges[-1] < 0.52  # 1.5e-3 .. 0.5 spans 2.5 decades, not 18
