@@ -115,7 +115,8 @@ def write_json(report: Report, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(to_json(report), indent=2, allow_nan=False) + "\n")
 
 
-def _num(value: Any, digits: int = 4) -> str:
+def format_number(value: Any, digits: int = 4) -> str:
+    """A report number for people: `digits` significant digits for floats, "n/a" for None and NaN."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, float):
@@ -124,16 +125,17 @@ def _num(value: Any, digits: int = 4) -> str:
 
 
 def _gate_rows(report: Report) -> list[tuple[str, str, str, str]]:
-    return [(g.name, _num(g.value, 6), f"{g.op} {_num(g.threshold, 6)}", "pass" if g.passed else "FAIL")
-            for g in report.gates]
+    return [(g.name, format_number(g.value, 6), f"{g.op} {format_number(g.threshold, 6)}",
+             "pass" if g.passed else "FAIL") for g in report.gates]
 
 
 def _parity_rows(report: Report) -> list[tuple[str, ...]]:
     rows = []
     for output, s in report.parity.items():
         q = s["error_quantiles"]
-        rows.append((output, _num(s["max_abs"]), _num(s["rel_l2"]), _num(s["cosine_mean"], 8), _num(s["cosine_min"], 8),
-                     _num(q["p99"]), str(s["candidate_nan"] + s["candidate_inf"])))
+        rows.append((output, format_number(s["max_abs"]), format_number(s["rel_l2"]), format_number(s["cosine_mean"], 8),
+                     format_number(s["cosine_min"], 8), format_number(q["p99"]),
+                     str(s["candidate_nan"] + s["candidate_inf"])))
     return rows
 
 
@@ -146,9 +148,10 @@ def _latency_rows(report: Report) -> list[tuple[str, ...]]:
     rows = []
     for tower, batches in (report.latency or {}).get("towers", {}).items():
         for batch, e in batches.items():
-            rows.append((tower, batch, _num(e["reference"]["p50_ms"]), _num(e["reference"]["p99_ms"]),
-                         _num(e["candidate"]["p50_ms"]), _num(e["candidate"]["p99_ms"]),
-                         _num(e["candidate"]["throughput"], 5), f"{_num(e['speedup'], 3)}x", f"{100 * e['noise']:.1f}%"))
+            rows.append((tower, batch, format_number(e["reference"]["p50_ms"]), format_number(e["reference"]["p99_ms"]),
+                         format_number(e["candidate"]["p50_ms"]), format_number(e["candidate"]["p99_ms"]),
+                         format_number(e["candidate"]["throughput"], 5), f"{format_number(e['speedup'], 3)}x",
+                         f"{100 * e['noise']:.1f}%"))
     return rows
 
 
@@ -162,19 +165,21 @@ def _branch_rows(report: Report) -> list[tuple[str, ...]]:
         if "skipped" in t:
             rows.append((tower, "-", "-", "-", "-", f"skipped: {t['skipped']}"))
         else:
-            rows.append((tower, str(t["batch"]), _num(t["t_cross_ms"]), _num(t["t_deep_ms"]), _num(t["t_parallel_ms"]),
-                         _num(t["ratio"], 3)))
+            rows.append((tower, str(t["batch"]), format_number(t["t_cross_ms"]), format_number(t["t_deep_ms"]),
+                         format_number(t["t_parallel_ms"]), format_number(t["ratio"], 3)))
     return rows
 
 
 def _quality_rows(report: Report) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     if report.retrieval is not None:
         r = report.retrieval
-        rows = [(f"@{k}", _num(r["recall"]["reference"][k]), _num(r["recall"]["candidate"][k]),
-                 _num(r["recall_ratio"][k], 6), _num(r["agreement"][k], 6)) for k in r["recall_ratio"]]
+        rows = [(f"@{k}", format_number(r["recall"]["reference"][k]), format_number(r["recall"]["candidate"][k]),
+                 format_number(r["recall_ratio"][k], 6), format_number(r["agreement"][k], 6))
+                for k in r["recall_ratio"]]
         return ("K", "recall ref", "recall cand", "ratio", "agreement"), rows
     if report.ranking is not None:
-        rows = [(output, metric, _num(m[metric]["reference"], 6), _num(m[metric]["candidate"], 6), _num(m[metric]["diff"], 3))
+        rows = [(output, metric, format_number(m[metric]["reference"], 6), format_number(m[metric]["candidate"], 6),
+                 format_number(m[metric]["diff"], 3))
                 for output, m in report.ranking["outputs"].items() for metric in ("auc", "logloss")]
         return ("output", "metric", "reference", "candidate", "diff"), rows
     return (), []
@@ -229,7 +234,8 @@ def junit_xml(report: Report) -> str:
         case = ET.SubElement(suite, "testcase", {"classname": f"dcnc.verify.{gate.name.split('.')[0]}",
                                                  "name": gate.name, "time": "0"})
         if not gate.passed:
-            message = f"{gate.name} = {_num(gate.value, 8)}, required {gate.op} {_num(gate.threshold, 8)}"
+            message = (f"{gate.name} = {format_number(gate.value, 8)}, "
+                       f"required {gate.op} {format_number(gate.threshold, 8)}")
             failure = ET.SubElement(case, "failure", {"message": message, "type": "GateFailed"})
             failure.text = message
     ET.indent(suites)
