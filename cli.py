@@ -181,8 +181,12 @@ def build(
     model: str = typer.Argument(..., help="An exported tower .onnx, or a directory of <tower>.onnx (one bundle entry each)."),
     out: str = typer.Option(..., "-o", "--out", help="The bundle directory to write (refused if it exists, unless --force)."),
     backend: str = typer.Option("ort", "--backend", help="ort (ONNX Runtime, CPU), ort-cuda (needs onnxruntime-gpu) or tensorrt (needs tensorrt 10/11 and a GPU)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 or int8, decided in the ONNX by its lowering (fp32 only until the lowerings land)."),
-    calib: str = typer.Option(None, "--calib", help="Calibration data for int8 (required by it, refused otherwise)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 or int8, decided in the ONNX by its lowering. fp16/bf16: half everywhere except the nodes whose activations on --calib data leave the type's safe range (max finite / 8), and the output tail; without --calib the conservative default keeps the whole cross branch and the head FP32. int8: Q/DQ from --calib ranges."),
+    calib: str = typer.Option(None, "--calib", help="Calibration data: .npz keyed by input name, .npy (one input), a folder (per-tower <tower>_calib.npz, or .npz shards) or dataset:NAME. Required by int8; chooses fp16/bf16's FP32 nodes."),
+    calib_method: str = typer.Option("minmax", "--calib-method", help="int8 activation ranges: minmax, entropy (KL on 2048-bin histograms) or percentile (99.99)."),
+    calib_samples: int = typer.Option(None, "--calib-samples", help="Draw this many calibration rows (seeded, deterministic); default all."),
+    int8_target: str = typer.Option(None, "--int8-target", help="int8 number formats: cpu (uint8 activations, int8 weights: integer Gemm kernels) or tensorrt (symmetric int8, per-channel weights). Default: tensorrt for --backend tensorrt, else cpu; build a tensorrt-target graph with --backend ort to check on CPU what the GPU will run."),
+    keep_fp32: list[str] = typer.Option(None, "--keep-fp32", help="int8: leave this node in float (repeatable), e.g. the keep_fp32 list of `dcnc calibrate --eval`'s sensitivity.json."),
     batch: str = typer.Option("1:256:4096", "--batch", help="Batch profile MIN:OPT:MAX (or one N); TensorRT builds for it, runners refuse batches outside it."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output (rebuild it)."),
     threads: int = typer.Option(None, "--threads", help="ORT intra-op threads (default: the cores this process may use)."),
@@ -210,10 +214,16 @@ def build(
             version_compatible=version_compatible, hardware_compat=hardware_compat, workspace_mib=workspace,
             device_id=device_id, cuda_graph=cuda_graph,
         ),
-        save_optimized=save_optimized, timing_cache=timing_cache,
+        save_optimized=save_optimized, timing_cache=timing_cache, int8_target=int8_target,
+        calib_method=calib_method, calib_samples=calib_samples, keep_fp32=tuple(keep_fp32 or ()),
     )
     towers = ", ".join(manifest.towers)
     print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {batch}")
+    for tower, entry in manifest.towers.items():
+        if entry.lowering and "half_nodes" in entry.lowering:
+            print(f"  {tower}: {entry.lowering['half_nodes']} nodes in {manifest.precision}, {len(entry.lowering['kept_fp32'])} kept FP32")
+        elif entry.lowering:
+            print(f"  {tower}: {len(entry.lowering['quantized_nodes'])} nodes int8 ({entry.lowering['target']}, {entry.lowering['method']}), {len(entry.lowering['kept_fp32'])} kept FP32")
 
 
 @app.command()

@@ -170,24 +170,14 @@ def calibration_for_graph(calib: str | Path, specs) -> str | Path:
 
 
 def lower_int8(model, calib: str | Path, target: str = "cpu", method: str = "minmax", samples: int | None = None,
-               seed: int = 0):  # fmt: skip
-    """The INT8 lowering of `dcnc build`: calibrate `model` on its data in `calib` and return the Q/DQ graph."""
+               seed: int = 0, keep_fp32=()):  # fmt: skip
+    """The INT8 lowering of `dcnc build`: calibrate `model` on its data in `calib` and return the Q/DQ graph
+    with the record of what was quantized (also kept in the graph's metadata, key dcnc.int8)."""
     from calibration.qdq import quantize_int8
 
     specs = graph_input_specs(model)
     data = load_calibration(calibration_for_graph(calib, specs), specs, samples=samples, seed=seed)
-    quantized, record = quantize_int8(model, data, method=method, target=target)
-    # the bundle's graph says how it was quantized (target, method, calibration key, nodes kept in FP32)
+    quantized, record = quantize_int8(model, data, method=method, target=target, keep_fp32=keep_fp32)
     entry = quantized.metadata_props.add()
     entry.key, entry.value = INT8_METADATA_KEY, json.dumps(record.to_dict(), sort_keys=True)
-    return quantized
-
-
-def lower_int8_cpu(model, calib: str | Path):
-    """`dcnc build --precision int8` for ONNX Runtime on CPU: U8S8 Q/DQ, minmax ranges."""
-    return lower_int8(model, calib, target="cpu")
-
-
-def lower_int8_tensorrt(model, calib: str | Path):
-    """`dcnc build --precision int8` for TensorRT: symmetric int8 Q/DQ, minmax ranges."""
-    return lower_int8(model, calib, target="tensorrt")
+    return quantized, record.to_dict()

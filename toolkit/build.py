@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from toolkit.backends import BACKENDS, require_backend
@@ -32,7 +32,6 @@ TIMING_CACHE = "timing.cache"
 # Beyond this the protobuf cannot be serialized in one piece, so weights go to an external data file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
-Lowering = Callable[["onnx.ModelProto", "Path | None"], "onnx.ModelProto"]  # noqa: F821
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -48,26 +47,64 @@ def parse_batch(text: str) -> tuple[int, int, int]:
     return low, opt, high
 
 
-def keep_fp32(model, calib: Path | None):
-    """fp32 needs no lowering: the exported graph is already what runs."""
-    return model
+@dataclass(frozen=True)
+class Lowering:
+    """How `dcnc build` decides a tower's precision in its ONNX (DESIGN.md decision 1).
 
-
-def lowering_for(precision: str, backend: str = "ort") -> Lowering:
-    """The graph pass that decides `precision` in the ONNX (the hook the fp16/bf16 and int8 lowerings plug into).
-
-    Until a precision's lowering lands this raises DcncError, so no bundle claims a precision it does not have.
+    fp32: the exported graph as is. fp16 / bf16: graphs.precision.lower_half, whose FP32 block list comes from
+    the calibration data when there is some (else its conservative default: cross branch and head FP32).
+    int8: Q/DQ from calibration (required) for `target` ("cpu": U8S8 for ONNX Runtime, "tensorrt": symmetric),
+    with `calib_method` ranges; `keep_fp32` names nodes left in float (e.g. from `dcnc calibrate --eval`).
     """
-    if precision == "fp32":
-        return keep_fp32
-    if precision == "int8":  # Q/DQ from calibration; the target's number formats follow the backend
-        from calibration.calibrate import lower_int8_cpu, lower_int8_tensorrt
 
-        return lower_int8_tensorrt if backend == "tensorrt" else lower_int8_cpu
-    owner = "graphs.precision (float16 conversion)" if precision in ("fp16", "bf16") else "calibration (Q/DQ insertion)"
-    raise DcncError(
-        f"--precision {precision}: its lowering ({owner}) is not available yet; build fp32 for now"
-    )
+    precision: str
+    target: str = "cpu"
+    calib_method: str = "minmax"
+    calib_samples: int | None = None
+    seed: int = 0
+    keep_fp32: tuple[str, ...] = ()
+
+    def check(self, calib: str | Path | None) -> None:
+        """Refuse option combinations that mean nothing, before anything is read or written."""
+        if self.precision not in PRECISIONS:
+            raise DcncError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.precision == "int8" and calib is None:
+            raise DcncError("--precision int8 needs calibration data: pass --calib DATA")
+        if calib is not None and self.precision == "fp32":
+            raise DcncError("--calib is used by --precision fp16, bf16 and int8, not fp32")
+        if self.precision != "int8" and (self.keep_fp32 or self.calib_method != "minmax"):
+            raise DcncError("--calib-method and --keep-fp32 apply to --precision int8 only")
+        if self.precision == "int8":
+            from calibration.qdq import check_target
+            from calibration.ranges import check_method
+
+            check_target(self.target)
+            check_method(self.calib_method)
+
+    def __call__(self, model, calib: str | Path | None):
+        """(lowered model, record of what the lowering did, or None for fp32)."""
+        if self.precision == "fp32":
+            return model, None
+        if self.precision == "int8":
+            from calibration.calibrate import lower_int8
+
+            keep = [n for n in self.keep_fp32 if n in {node.name for node in model.graph.node}]
+            return lower_int8(model, calib, self.target, self.calib_method, self.calib_samples, self.seed, keep)
+        from graphs.precision import lower_half
+
+        feeds = None
+        if calib is not None:
+            from calibration.calibrate import calibration_for_graph
+            from calibration.reader import graph_input_specs, load_calibration
+
+            specs = graph_input_specs(model)
+            data = load_calibration(calibration_for_graph(calib, specs), specs, self.calib_samples, self.seed)
+            feeds = list(data.batches())
+        lowered, record = lower_half(model, self.precision, feeds)
+        return lowered, record.to_dict()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def find_towers(model: Path) -> dict[str, Path]:
@@ -164,19 +201,27 @@ def build_bundle(
     trt_options=None,
     save_optimized: bool = False,
     timing_cache: str | Path | None = None,
+    int8_target: str | None = None,
+    calib_method: str = "minmax",
+    calib_samples: int | None = None,
+    keep_fp32: tuple[str, ...] = (),
 ) -> Manifest:
     """Build `model` (an ONNX file or a directory of `<tower>.onnx`) into the bundle directory `out`.
 
     Args:
         backend: "ort" (CPU), "ort-cuda" or "tensorrt".
         precision: "fp32", "fp16", "bf16" or "int8" (int8 needs `calib`); decided in the ONNX by its lowering.
-        calib: calibration data (file or directory) for int8.
+        calib: calibration data (file, folder of per-tower .npz or shards, dataset:NAME) for int8, and for
+            fp16/bf16 to choose from measured activations which nodes stay FP32.
         batch: (min, opt, max) batch profile; TensorRT builds for it, every runner refuses batches outside it.
         force: replace an existing `out`.
         ort_options: OrtOptions for ort / ort-cuda (default OrtOptions()).
         trt_options: TrtOptions for tensorrt (default TrtOptions()).
         save_optimized: also save ORT's optimised graph per tower (faster to load; tied to this ORT and CPU).
         timing_cache: a TensorRT timing cache kept across builds (default: one inside the bundle).
+        int8_target: "cpu" or "tensorrt" Q/DQ formats (default: tensorrt for the tensorrt backend, else cpu).
+        calib_method: int8 ranges, "minmax", "entropy" or "percentile". calib_samples: rows drawn (seeded) from
+            the calibration data (default all). keep_fp32: int8 node names left in float.
 
     Returns the manifest written to `out/manifest.json`.
     """
@@ -186,21 +231,21 @@ def build_bundle(
     model, out = Path(model), Path(out)
     if backend not in BACKENDS:
         raise DcncError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise DcncError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and calib is None:
-        raise DcncError("--precision int8 needs calibration data: pass --calib DATA")
-    if calib is not None and precision != "int8":
-        raise DcncError(f"--calib is only used by --precision int8 (got --precision {precision})")
-    if calib is not None and not Path(calib).exists():
+    if int8_target is not None and precision != "int8":
+        raise DcncError("--int8-target applies to --precision int8 only")
+    target = int8_target or ("tensorrt" if backend == "tensorrt" and precision == "int8" else "cpu")
+    lower = Lowering(precision, target, calib_method, calib_samples, keep_fp32=tuple(keep_fp32))
+    lower.check(calib)
+    if calib is not None and not str(calib).startswith("dataset:") and not Path(calib).exists():
         raise DcncError(f"--calib {calib}: not found")
+    if precision == "bf16" and backend == "ort":
+        raise DcncError("--precision bf16 needs a GPU backend (tensorrt or ort-cuda): ONNX Runtime's CPU provider has no bfloat16 Gemm")
     if save_optimized and backend == "tensorrt":
         raise DcncError("--save-optimized is an ONNX Runtime option; TensorRT bundles always hold an engine")
     if timing_cache is not None and backend != "tensorrt":
         raise DcncError("--timing-cache is a TensorRT option (use it with --backend tensorrt)")
     if ort_options is not None and ort_options.cuda_graph and backend == "ort":
         raise DcncError("--cuda-graph needs a GPU backend (ort-cuda or tensorrt), not ort")
-    lower = lowering_for(precision, backend)
     towers = find_towers(model)
     require_backend(backend)
     _check_output(out, force)
@@ -229,19 +274,18 @@ def build_bundle(
         options=options,
         inputs={
             "model": {"path": str(model), "sha256": {t: source_sha256(p) for t, p in towers.items()}},
-            "calib": {"path": str(calib), "sha256": sha256_tree(Path(calib))} if calib is not None else None,
-            "lowering": f"{lower.__module__}.{lower.__qualname__}",
+            "calib": _calib_identity(calib),
+            "lowering": lower.to_dict(),
         },
         towers={},
     )
-    calib_path = Path(calib) if calib is not None else None
     portable: dict[str, bool] = {}
     with atomic_dir(out, force=force) as tmp:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a bundle is shared like any output folder
         if backend == "tensorrt":
             cache = _prepare_timing_cache(tmp, out, timing_cache, trt_options, manifest)
         for tower, source in towers.items():
-            lowered = lower(_load_onnx(source), calib_path)
+            lowered, record = lower(_load_onnx(source), calib)
             onnx_rel = f"{tower}.onnx"
             _save_onnx(lowered, tmp / onnx_rel)
             entry = TowerEntry(
@@ -249,6 +293,7 @@ def build_bundle(
                 inputs=_tensor_entries(i for i in lowered.graph.input if i.name not in {w.name for w in lowered.graph.initializer}),
                 outputs=_tensor_entries(lowered.graph.output),
                 source_sha256=manifest.inputs["model"]["sha256"][tower],
+                lowering=record,
             )
             if backend == "tensorrt":
                 from toolkit.backends.tensorrt.loader import build_engine
@@ -259,10 +304,27 @@ def build_bundle(
             else:
                 _check_ort_session(tmp, entry, tower, backend, ort_options, save_optimized, portable)
             manifest.towers[tower] = entry
+        _check_kept_nodes(lower, manifest)
         if backend == "tensorrt":
             _finish_timing_cache(tmp, cache, timing_cache, portable)
         write_manifest(tmp, manifest, portable)
     return manifest
+
+
+def _calib_identity(calib) -> dict | None:
+    if calib is None:
+        return None
+    if str(calib).startswith("dataset:"):  # generated deterministically from the named dataset
+        return {"path": str(calib), "sha256": None}
+    return {"path": str(calib), "sha256": sha256_tree(Path(calib))}
+
+
+def _check_kept_nodes(lower: Lowering, manifest: Manifest) -> None:
+    """Every --keep-fp32 name must be a node of some tower (each tower keeps those it has)."""
+    kept = {n for entry in manifest.towers.values() for n in (entry.lowering or {}).get("kept_fp32", [])}
+    missing = [n for n in lower.keep_fp32 if n not in kept]
+    if missing:
+        raise DcncError(f"--keep-fp32 {missing[0]!r}: no tower graph has a node of that name")
 
 
 def _umask() -> int:

@@ -36,6 +36,7 @@ class TowerEntry:
     optimized_onnx: str | None = None
     engine: str | None = None
     engine_info: dict | None = None  # TensorRT inspector: layers (name, type, precision, tactic), aux_streams
+    lowering: dict | None = None  # what the precision lowering did: nodes kept FP32 and why, Q/DQ record
 
 
 @dataclass

@@ -101,7 +101,11 @@ def test_force_rebuilds_an_existing_bundle(towers_dir, tmp_path):
         ({"backend": "onnx"}, "--backend 'onnx': choose one of ort, ort-cuda, tensorrt"),
         ({"precision": "fp8"}, "--precision 'fp8': choose one of fp32, fp16, bf16, int8"),
         ({"precision": "int8"}, "--precision int8 needs calibration data"),
-        ({"precision": "fp32", "calib": "calib.npz"}, "--calib is only used by --precision int8"),
+        ({"precision": "fp32", "calib": "calib.npz"}, "--calib is used by --precision fp16, bf16 and int8, not fp32"),
+        ({"precision": "bf16"}, "--precision bf16 needs a GPU backend"),
+        ({"precision": "fp16", "int8_target": "tensorrt"}, "--int8-target applies to --precision int8 only"),
+        ({"precision": "fp16", "calib_method": "entropy"}, "--calib-method and --keep-fp32 apply to --precision int8"),
+        ({"precision": "int8", "calib": "calib.npz", "int8_target": "gpu"}, "--target must be one of"),
         ({"save_optimized": True, "backend": "tensorrt"}, "--save-optimized is an ONNX Runtime option"),
         ({"timing_cache": "t.cache"}, "--timing-cache is a TensorRT option"),
     ],
@@ -112,12 +116,41 @@ def test_bad_arguments_are_refused_before_anything_is_written(towers_dir, tmp_pa
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_lower_precisions_are_refused_until_their_lowering_lands(towers_dir, tmp_path, precision):
-    # int8's lowering has landed (tests/calibration/test_build_int8.py builds and runs it)
-    with pytest.raises(DcncError, match=f"--precision {precision}: its lowering .* is not available yet"):
-        build_bundle(towers_dir, tmp_path / "bundle", precision=precision)
-    assert not (tmp_path / "bundle").exists()
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.min(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def test_fp16_bundle_without_calibration_keeps_the_cross_branch_fp32_and_answers_like_torch(
+    towers_dir, two_tower_model, tmp_path
+):
+    manifest = build_bundle(towers_dir / "query.onnx", tmp_path / "bundle", precision="fp16")
+    record = manifest.towers["query"].lowering
+    assert record["dtype"] == "fp16" and record["half_nodes"] > 0 and record["calibration"] is None
+    assert any("cross branch" in reason for reason in record["kept_fp32"].values())
+    feed = random_inputs(two_tower_model.query.input_specs, 64, seed=5)
+    with open_bundle(tmp_path / "bundle", tower="query") as runner, TorchRunner(two_tower_model.query) as reference:
+        assert _cosine(runner.infer(feed)["embedding"], reference.infer(feed)["embedding"]) > 0.999
+
+
+def test_fp16_with_calibration_chooses_fp32_nodes_from_measured_ranges(towers_dir, two_tower_model, tmp_path):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for name, tower in two_tower_model.towers().items():
+        np.savez(calib / f"{name}_calib.npz", **random_inputs(tower.input_specs, 96, seed=1))
+    manifest = build_bundle(towers_dir, tmp_path / "bundle", precision="fp16", calib=calib, calib_samples=64)
+    for entry in manifest.towers.values():
+        assert entry.lowering["calibration"]["samples"] >= 1 and entry.lowering["half_nodes"] > 0
+        # a tiny tower stays far inside fp16's range: only the output tail is kept, not the cross branch
+        assert not any("cross branch" in reason for reason in entry.lowering["kept_fp32"].values())
+    assert manifest.inputs["calib"]["sha256"] and manifest.inputs["lowering"]["calib_samples"] == 64
+
+
+def test_int8_keep_fp32_of_a_node_no_tower_has_is_refused(towers_dir, two_tower_model, tmp_path):
+    np.savez(tmp_path / "calib.npz", **random_inputs(two_tower_model.query.input_specs, 32, seed=1))
+    with pytest.raises(DcncError, match="--keep-fp32 'nope': no tower graph has a node of that name"):
+        build_bundle(towers_dir / "query.onnx", tmp_path / "bundle", precision="int8", calib=tmp_path / "calib.npz",
+                     keep_fp32=("nope",))  # fmt: skip
+    assert leftovers(tmp_path) == ["calib.npz"]
 
 
 def test_missing_calibration_data_is_named(towers_dir, tmp_path):
