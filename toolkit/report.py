@@ -42,6 +42,7 @@ class Report:
     latency: dict[str, Any] | None = None
     thresholds: dict[str, Any] = field(default_factory=dict)
     data: str = ""
+    emulation: str | None = None  # how the candidate's answers were computed, when not by the bundle itself
     seconds: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)
 
@@ -97,6 +98,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "precision": report.precision,
         "device": report.device,
         "data": report.data,
+        "emulation": report.emulation,
         "gates": [g.to_json() for g in report.gates],
         "thresholds": report.thresholds,
         "parity": report.parity,
@@ -199,6 +201,7 @@ def markdown(report: Report) -> str:
         f"Reference `{report.reference}`, candidate `{report.candidate}` ({report.precision}, {report.device}), "
         f"data `{report.data}`, {report.seconds:.1f} s on {report.machine.get('host', '?')} "
         f"({report.machine.get('processor', '?')}, {report.machine.get('cpu_count', '?')} cores).",
+        *([f"> Note: {report.emulation}."] if report.emulation else []),
         "## Gates",
         _md_table(("gate", "value", "threshold", "result"), _gate_rows(report)),
         "## Parity",
@@ -271,5 +274,7 @@ def print_summary(report: Report, console: Console) -> None:
         console.print(table(f"Latency ({report.latency['timer']})", LATENCY_HEADER, _latency_rows(report)))
         if _branch_rows(report):
             console.print(table("Branches (ORT CPU)", BRANCH_HEADER, _branch_rows(report)))
+    if report.emulation:
+        console.print(f"[yellow]note:[/yellow] {report.emulation}", highlight=False)
     verdict = "[green]PASSED[/green]" if report.passed else f"[red]FAILED[/red] {len(report.failed_gates)} gate(s)"
     console.print(f"verify: {verdict}")

@@ -87,8 +87,12 @@ def _by_k(values: dict[int, float]) -> dict[str, float]:
 class _Pair:
     """Reference and candidate runner of one tower, run on the same rows, with parity accumulated per output."""
 
-    def __init__(self, tower: str, reference: Runner, candidate: Runner, outputs: list[str], eval_batch: int):
+    def __init__(
+        self, tower: str, reference: Runner, candidate: Runner, outputs: list[str], eval_batch: int,
+        timed: Runner | None = None,
+    ):  # fmt: skip
         self.tower, self.reference, self.candidate, self.outputs = tower, reference, candidate, outputs
+        self.timed = timed or candidate  # what latency is measured on, when answers come from an emulation
         batch_range = getattr(candidate, "batch_range", None)
         self.batch_range = batch_range
         self.eval_batch = min(eval_batch, batch_range[1]) if batch_range else eval_batch
@@ -167,7 +171,7 @@ def measure_latency(
             take = np.arange(batch) % rows  # the first rows, repeated when the data has fewer
             feed = {name: np.ascontiguousarray(array[take]) for name, array in feeds[tower].items()}
             calls["reference"][batch] = device_call(pair.reference, feed, device)
-            calls["candidate"][batch] = device_call(pair.candidate, feed, device)
+            calls["candidate"][batch] = device_call(pair.timed, feed, device)
         towers[tower] = compare_latency(calls["reference"], calls["candidate"], options.warmup, options.iterations, timer)
     return {
         "device": device,
@@ -189,18 +193,23 @@ def verify_runners(
     device: str = "cpu",
     baseline: dict[str, Any] | None = None,
     names: dict[str, str] | None = None,
+    timed: dict[str, Runner] | None = None,
 ) -> Report:
     """Compare active runners tower by tower (reference and candidate share tower names) and gate the result.
 
-    names: "reference", "candidate", "precision", "data" shown in the report. baseline: an earlier report
-    whose latency this run must not regress beyond its own noise.
+    names: "reference", "candidate", "precision", "data", "emulation" shown in the report. baseline: an earlier
+    report whose latency this run must not regress beyond its own noise. timed: the runners latency is
+    measured on, when `candidate` answers through an emulation of them (default: the candidates).
     """
     options = options or VerifyOptions()
     names = names or {}
     if set(reference) != set(candidate):
         raise DcncError(f"the bundle has towers {sorted(candidate)}, the reference {sorted(reference)}")
     start = time.perf_counter()
-    pairs = {t: _Pair(t, reference[t], candidate[t], output_names[t], options.eval_batch) for t in reference}
+    timed = timed or {}
+    pairs = {
+        t: _Pair(t, reference[t], candidate[t], output_names[t], options.eval_batch, timed.get(t)) for t in reference
+    }
     retrieval = ranking = latency = None
     if isinstance(data, RetrievalEval):
         retrieval = evaluate_retrieval(pairs, data, options.ks, options.item_chunk)
@@ -229,6 +238,7 @@ def verify_runners(
         latency=latency,
         thresholds=dataclasses.asdict(thresholds),
         data=names.get("data", ""),
+        emulation=names.get("emulation"),
         seconds=time.perf_counter() - start,
         machine=machine_info(device),
     )
@@ -261,6 +271,26 @@ def _branch_timing(bundle: Path, manifest: Any, batch: int) -> dict[str, Any]:
         except DcncError as err:  # not a parallel tower: nothing to time
             result[tower] = {"skipped": str(err)}
     return result
+
+
+def _emulated_runners(bundle: Path, manifest: Any) -> dict[str, Runner] | None:
+    """For half-precision graphs run by ONNX Runtime's CPU provider, which casts around its missing FP16 kernels
+    and so computes in FP32 (DESIGN.md decision 1): runners over the same graphs under half emulation, so parity
+    and recall are those of a GPU. None for other bundles."""
+    import onnx
+
+    from graphs.emulation import emulated_half_session
+    from toolkit.backends.ort.runner import OrtRunner
+
+    if manifest.precision not in ("fp16", "bf16") or manifest.backend not in ("ort", "ort-cuda"):
+        return None
+    return {
+        tower: OrtRunner(
+            emulated_half_session(onnx.load(str(bundle / entry.onnx)), manifest.precision),
+            name=f"emulated-{manifest.precision}:{tower}", batch_range=manifest.batch_range(),
+        )
+        for tower, entry in manifest.towers.items()
+    }
 
 
 def verify(
@@ -304,15 +334,20 @@ def verify(
         data, {t: tw.input_specs for t, tw in towers.items()}, {t: list(tw.output_names) for t, tw in towers.items()}
     )
     reference_runners = {t: TorchRunner(SignedTower(tw), device, name=f"torch:{t}") for t, tw in towers.items()}
-    candidate_runners = {t: tower_runner(bundle, manifest, t) for t in manifest.towers}
+    bundle_runners = {t: tower_runner(bundle, manifest, t) for t in manifest.towers}
+    emulated = _emulated_runners(Path(bundle), manifest) if device == "cpu" else None
+    names = {"reference": str(reference), "candidate": str(bundle), "precision": manifest.precision, "data": str(data)}
+    if emulated:
+        names["emulation"] = (
+            f"{manifest.precision} answers computed under half emulation on CPU (every half tensor rounded as a GPU"
+            " rounds it); latency measured on the bundle as built"
+        )
     with contextlib.ExitStack() as stack:
-        for runner in [*reference_runners.values(), *candidate_runners.values()]:
+        for runner in [*reference_runners.values(), *bundle_runners.values(), *(emulated or {}).values()]:
             stack.enter_context(runner)
         report = verify_runners(
-            reference_runners, candidate_runners, {t: list(tw.output_names) for t, tw in towers.items()},
-            evaluation, thresholds, options, device, baseline_report,
-            names={"reference": str(reference), "candidate": str(bundle), "precision": manifest.precision,
-                   "data": str(data)},
+            reference_runners, emulated or bundle_runners, {t: list(tw.output_names) for t, tw in towers.items()},
+            evaluation, thresholds, options, device, baseline_report, names=names, timed=bundle_runners,
         )
     if report.latency is not None and branches and device == "cpu":
         report.latency["branches"] = _branch_timing(Path(bundle), manifest, max(options.batch_sizes))

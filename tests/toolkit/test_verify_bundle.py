@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -55,6 +56,7 @@ def case(tmp_path_factory):
     save_checkpoint(model, spec, root / "model.pt")
     export_model(load_model(str(root / "model.pt")), root / "onnx", validate=False)
     build_bundle(root / "onnx", root / "bundle", batch=(1, 16, 256))
+    shutil.copytree(root / "onnx", root / "onnx_fp32")
     perturb_weights(root / "onnx", scale=0.5)
     build_bundle(root / "onnx", root / "broken", batch=(1, 16, 256))
     queries = random_inputs(model.query.input_specs, 30, seed=1)
@@ -72,6 +74,16 @@ def test_faithful_fp32_bundle_passes(case):
     assert report.retrieval["agreement"]["5"] == 1.0
     assert report.parity["item/embedding"]["max_abs"] < 1e-5
     assert report.precision == "fp32" and sorted(report.latency["towers"]) == ["item", "query"]
+
+
+def test_fp16_bundle_is_judged_under_half_emulation_and_timed_as_built(case, tmp_path):
+    build_bundle(case / "onnx_fp32", tmp_path / "fp16", precision="fp16", batch=(1, 16, 256))
+    report = verify(case / "model.pt", tmp_path / "fp16", case / "eval.npz", options=FAST, branches=False)
+    assert report.precision == "fp16" and "half emulation" in report.emulation
+    assert report.passed, [(g.name, g.value) for g in report.failed_gates]
+    # half rounding shows in the answers (an FP32 computation would match torch to ~1e-7)
+    assert 1e-5 < report.parity["query/embedding"]["max_abs"] < 1e-2
+    assert report.latency["towers"]["query"]
 
 
 def test_bundle_with_perturbed_weights_fails(case):
