@@ -314,5 +314,33 @@ def inspect(
     print(inspection_json(info) if as_json else format_inspection(info))
 
 
+# --- dcnc package ---------------------------------------------------------------------------------------------
+PACKAGE_EPILOG = """Writes REPO/<model>/config.pbtxt and REPO/<model>/1/model.onnx (platform onnxruntime_onnx, for ort and ort-cuda bundles) or 1/model.plan (tensorrt_plan), one model per tower, named <bundle name>_<tower>. The config carries max_batch_size (the profile's max), dynamic batching preferring its opt batch, instance groups (KIND_CPU for ort, KIND_GPU otherwise), and the settings the bundle was verified with (ORT graph optimisation level, sequential executor, threads; CUDA graphs for TensorRT). Other models in REPO are kept.
+
+No ensemble: a retrieval bundle's query tower answers requests while its item tower embeds the corpus offline for the ANN index, so the two never run in one request; a ranking or projection tower is already one graph from features to its heads. Each tower is its own model.
+
+Example: `dcnc build towers/ -o bundles/two_tower --batch 1:256:4096 && dcnc package bundles/two_tower --triton models/` then `tritonserver --model-repository models/`.
+
+Exit codes: 0 written; 2 not a bundle or a changed one, a model that exists (without --force), an unwritable REPO, or a tower Triton cannot batch (nothing is written)."""
+
+
+@app.command(epilog=PACKAGE_EPILOG)
+@user_errors
+def package(
+    bundle: str = typer.Argument(..., help="A bundle directory written by `dcnc build`."),
+    triton: str = typer.Option(..., "--triton", help="The Triton model repository to write the models into (created if missing)."),
+    name_prefix: str = typer.Option(None, "--name-prefix", help="Model names are <prefix>_<tower> (default prefix: the bundle directory's name)."),
+    instances: int = typer.Option(1, "--instances", help="Model instances (per GPU for GPU bundles)."),
+    max_queue_delay_us: int = typer.Option(100, "--max-queue-delay-us", help="How long the dynamic batcher may hold a request to form a larger batch, in microseconds."),
+    force: bool = typer.Option(False, "--force", help="Replace models of the same name already in the repository."),
+) -> None:
+    """Package a bundle for serving: a Triton Inference Server model repository, one model per tower."""
+    from toolkit.triton import package_triton
+
+    models = package_triton(bundle, triton, name_prefix, instances, max_queue_delay_us, force)
+    for model in models:
+        print(f"{triton}/{model.name}: {model.platform}, tower {model.tower}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
