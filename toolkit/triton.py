@@ -119,7 +119,9 @@ def _tensorrt_settings(manifest: Manifest) -> list[str]:
     notes = [f"# the engine was built by TensorRT {built} for compute capability {capability}: Triton must run the"
              " same TensorRT on such a GPU"]
     if trt.get("version_compatible"):
-        notes.append("# version-compatible engine: start tritonserver with --backend-config=tensorrt,version-compatible=true")
+        notes.append(
+            "# version-compatible engine: start tritonserver with --backend-config=tensorrt,version-compatible=true"
+        )
     if trt.get("cuda_graph"):
         notes.append("optimization {\n  cuda { graphs: true }\n}")
     return notes
@@ -166,7 +168,8 @@ def model_config(
         f"max_batch_size: {high}",
         _io_block("input", entry.inputs, tower, where),
         _io_block("output", entry.outputs, tower, where),
-        f"dynamic_batching {{\n  preferred_batch_size: [ {opt} ]\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}",
+        f"dynamic_batching {{\n  preferred_batch_size: [ {opt} ]\n"
+        f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}",
         f"instance_group [\n  {{ count: {instances} kind: {INSTANCE_KINDS[manifest.backend]} }}\n]",
     ]
     sections += _ort_settings(manifest) if platform == "onnxruntime_onnx" else _tensorrt_settings(manifest)
@@ -181,9 +184,8 @@ def _external_data(bundle: Path, onnx_rel: str) -> list[str]:
     from onnx.external_data_helper import uses_external_data
 
     model = onnx.load(str(bundle / onnx_rel), load_external_data=False)
-    locations = {
-        e.value for t in model.graph.initializer if uses_external_data(t) for e in t.external_data if e.key == "location"
-    }
+    initializers = [t for t in model.graph.initializer if uses_external_data(t)]
+    locations = {e.value for t in initializers for e in t.external_data if e.key == "location"}
     return sorted(str(Path(onnx_rel).parent / loc) for loc in locations)
 
 

@@ -178,7 +178,8 @@ def test_packaged_onnx_accepts_requests_shaped_as_the_config_declares(bundle, re
         feed[tensor.name] = (
             rng.integers(0, 50, shape) if tensor.name == "user_id" else rng.standard_normal(shape).astype(np.float32)
         )
-    session = onnxruntime.InferenceSession(str(repo / "tiny_query" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    model = repo / "tiny_query" / "1" / "model.onnx"
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     (got,) = session.run(["embedding"], feed)
     assert list(got.shape) == [batch, *config.output[0].dims]
     runner = open_bundle(bundle, tower="query")
@@ -251,6 +252,12 @@ def test_tensorrt_bundle_becomes_a_plan_model_on_gpu_with_its_engine(towers_dir,
     assert "TensorRT 10.9.0 for compute capability 9.0" in (model / "config.pbtxt").read_text()
 
 
+def test_version_compatible_engine_config_says_how_to_start_the_server(parse):
+    text = model_config(manifest_for("tensorrt", {"version_compatible": True}), "query", "m")
+    parse(text)
+    assert "--backend-config=tensorrt,version-compatible=true" in text
+
+
 def test_tensorrt_profile_not_starting_at_batch_one_is_refused(parse):
     with pytest.raises(DcncError, match=r"TensorRT engines take batches from 4, .* rebuild with --batch 1:8:64"):
         model_config(manifest_for("tensorrt", batch=(4, 8, 64)), "query", "m")
@@ -308,7 +315,8 @@ def test_tower_input_without_a_batch_axis_is_refused_before_anything_is_written(
     data = json.loads((copy / "manifest.json").read_text())
     data["towers"]["query"]["inputs"][1]["shape"] = [1, 6]  # exported with a fixed batch of 1
     (copy / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(DcncError, match=r"tower query input profile has shape \[1, 6\], without a leading dynamic batch axis"):
+    message = r"tower query input profile has shape \[1, 6\], without a leading dynamic batch axis"
+    with pytest.raises(DcncError, match=message):
         package_triton(copy, tmp_path / "models")
     assert not (tmp_path / "models").exists()
 
