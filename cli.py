@@ -301,6 +301,46 @@ def train(
     Console().print(table)
 
 
+# --- dcnc run -------------------------------------------------------------------------------------------------
+RUN_EPILOG = """Without PIPELINE.toml: the built-in example (toolkit/examples/pipeline.toml): the example two-tower and ranker, trained on synthetic data into OUT/example/ when missing, each built for ONNX Runtime CPU in fp32, fp16 and int8 and verified. Copy that file to write your own (the keys are described in toolkit/pipeline.py).
+
+Stages whose inputs hash as before and whose outputs are intact are skipped ("current"): changing one target rebuilds only it, a changed checkpoint redoes everything after it; --force redoes all.
+
+Writes OUT/<model>/<target>/{bundle/, report.json, report.md, junit.xml}, OUT/summary.json (schema dcnc.run/1) and OUT/report.html where the HTML report is available.
+
+Exit codes: 0 every gate passed; 1 a gate failed (after every target ran); 2 bad pipeline file or input."""
+
+
+@app.command(epilog=RUN_EPILOG)
+@user_errors
+def run(
+    pipeline: str = typer.Argument(None, help="Pipeline TOML: the model, export options, targets and verify settings. Default: the built-in example."),
+    out: str = typer.Option("runs/pipeline", "-o", "--out", help="Folder for every stage's output, stamps and summary.json."),
+    force: bool = typer.Option(False, "--force", help="Redo every stage even when it is current."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only the summary (no progress)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary JSON to stdout instead of the table."),
+) -> None:
+    """The whole job in one command: train-if-needed, export, build every target, verify each; one summary."""
+    import json
+
+    from toolkit.pipeline import load_pipeline
+    from toolkit.runsummary import print_summary
+    from toolkit.stages import run_pipeline
+
+    def progress(line: str) -> None:
+        console.print(line, highlight=False, soft_wrap=True)
+
+    summary = run_pipeline(load_pipeline(pipeline), out, force=force, quiet=quiet, say=None if quiet else progress)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        terminal = Console()
+        print_summary(summary, terminal if terminal.is_terminal else Console(width=160))  # CI logs: no wrapping
+    failed = [f"{t['model']}/{t['target']}" for t in summary["targets"] if not t["passed"]]
+    if failed:
+        raise GateFailed(f"{len(failed)} of {len(summary['targets'])} target(s): {', '.join(failed)}")
+
+
 @app.command()
 @user_errors
 def inspect(
