@@ -382,5 +382,40 @@ def package(
         print(f"{triton}/{model.name}: {model.platform}, tower {model.tower}")
 
 
+# --- dcnc bench -----------------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def bench(
+    model: str = typer.Argument(..., help="A dcnc checkpoint .pt, a torch.export program .pt2, or package.module:factory."),
+    towers: list[str] = typer.Option(None, "--tower", help="Time only this tower (repeatable). Default: every tower."),
+    runners: str = typer.Option(None, "--runners", help="Comma-separated runners: eager, compile, aot, ort-fp32, ort-fp16, ort-int8 (cpu); ort-cuda-fp32, ort-cuda-fp16, tensorrt-fp32, tensorrt-fp16, tensorrt-int8 (cuda). Default cpu: eager,compile,ort-fp32,ort-fp16,ort-int8; cuda: eager,compile and the ort-cuda and tensorrt ones."),
+    aot: bool = typer.Option(False, "--aot", help="Also time AOTInductor (torch._inductor.aoti_compile_and_package; tens of seconds per tower on a small CPU, cached)."),
+    bundles: list[str] = typer.Option(None, "--bundle", help="Also time this existing bundle (repeatable); refused unless check_bundle accepts it."),
+    calib: str = typer.Option(None, "--calib", help="INT8 calibration data: a .npz, or a folder with <tower>_calib.npz. Default: the files the checkpoint names beside it."),
+    batch_sizes: str = typer.Option("1,64,256,4096", "--batch-sizes", help="The batch sweep."),
+    iterations: int = typer.Option(100, "--iterations", help="Timed interleaved rounds per batch size."),
+    warmup: int = typer.Option(10, "--warmup", help="Untimed rounds per batch size first."),
+    threads: int = typer.Option(None, "--threads", help="torch and ORT intra-op threads (default: the cores this process may use)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (torch on CUDA, ORT CUDA and TensorRT bundles, timed with CUDA events)."),
+    out: str = typer.Option("runs/bench", "--out", help="Cache folder for exported graphs, bundles built on the fly and AOT packages."),
+    json_path: str = typer.Option(None, "--json", help="Write the full report (schema dcnc.bench/1) here."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no table."),
+) -> None:
+    """Benchmark a model's towers across runtimes over a batch sweep, interleaved: p50/p90/p99, throughput, speedup over torch eager, % of the measured MatMul peak."""
+    from toolkit.bench import BenchOptions, bench_tables, parse_runners, run_bench, write_json
+
+    options = BenchOptions(
+        batch_sizes=_ints(batch_sizes, "--batch-sizes"), iterations=iterations, warmup=warmup, threads=threads,
+        device=device, runners=parse_runners(runners), aot=aot, towers=tuple(towers or ()), calib=calib,
+        bundles=tuple(bundles or ()), out=out,
+    )
+    report = run_bench(model, options, progress=not quiet)
+    if json_path:
+        write_json(report, json_path)
+    if not quiet:
+        for table in bench_tables(report):
+            Console().print(table)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
