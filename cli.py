@@ -137,6 +137,7 @@ def verify(
     report: str = typer.Option(None, "--report", help="Write the JSON report (schema dcnc.verify/1) here."),
     junit: str = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per gate) here."),
     markdown: str = typer.Option(None, "--markdown", help="Write a Markdown summary here."),
+    html: str = typer.Option(None, "--html", help="Write a self-contained HTML report here (charts inline, opens offline)."),
     gates: str = typer.Option(None, "--gates", help="TOML gates file: precision and a [gates] table of thresholds."),
     baseline: str = typer.Option(None, "--baseline", help="An earlier JSON report: fail if latency regressed beyond this run's noise."),
     k: str = typer.Option("1,10,100", "--k", help="K values for recall@K and agreement@K."),
@@ -169,7 +170,16 @@ def verify(
     for path, write in ((report, reports.write_json), (junit, reports.write_junit), (markdown, reports.write_markdown)):
         if path:
             write(result, path)
+    if html:
+        from pathlib import Path
+
+        from toolkit.htmlreport import write_html
+
+        target = Path(bundle).resolve().name
+        write_html({target: reports.to_json(result)}, html, title=f"dcnc verify: {target}")
     reports.print_summary(result, Console())
+    if html:
+        print(f"HTML report: {html}")
     if not result.passed:
         raise GateFailed(", ".join(g.name for g in result.failed_gates))
 
