@@ -124,7 +124,7 @@ def _overview(reports: dict[str, dict[str, Any]]) -> str:
         failed = [str(g.get("name")) for g in report.get("gates") or [] if isinstance(g, dict) and not g.get("passed")]
         cosine = _worst([_get(s, "cosine_min") for s in _dict(report.get("parity")).values()])
         rows.append([Html(f'<a href="#target-{i}">{escape(name)}</a>'), _badge(report.get("passed")),
-                     str(report.get("precision", "?")), str(report.get("device", "?")), cosine,
+                     str(report.get("precision", "?")), str(report.get("device", "?")), format_number(cosine, 8),
                      _quality_summary(report), _speedup_summary(report), ", ".join(failed) or "none"])
         classes.append({True: "pass", False: "fail"}.get(report.get("passed"), ""))
     header = ["target", "result", "precision", "device", "cosine min", "recall / AUC ratio (worst)",
@@ -144,7 +144,7 @@ def _speedup_charts(reports: dict[str, dict[str, Any]]) -> str:
             series.append(Series(name, points, PALETTE[i % len(PALETTE)]))
         batches = sorted({p[0] for s in series for p in s.points})
         charts.append(line_chart(series, f"{tower}: speedup over the reference", "batch size", "reference p50 / candidate p50",
-                                 x_log=True, y_zero=True, x_ticks=batches))
+                                 x_log=True, y_log=True, x_ticks=batches))
     return f'<div class="charts">{"".join(charts)}</div>' if charts else ""
 
 

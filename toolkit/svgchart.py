@@ -41,7 +41,9 @@ class Bar:
 
 
 def format_tick(value: float) -> str:
-    """3 significant digits; exponents written short (1e-6, not 1e-06)."""
+    """Whole numbers below 10^7 in full (4096, not 4.1e3); else 3 significant digits, exponents short (1e-6)."""
+    if float(value).is_integer() and abs(value) < 1e7:
+        return str(int(value))
     text = f"{value:.3g}"
     if "e" in text:
         mantissa, exponent = text.split("e")

@@ -36,7 +36,8 @@ def test_an_axis_from_zero_is_not_padded_below_zero():
 
 
 def test_format_tick_writes_short_exponents():
-    assert [format_tick(v) for v in (1e-6, 2.5e-12, 0.015, 512, 3e7)] == ["1e-6", "2.5e-12", "0.015", "512", "3e7"]
+    values = (1e-6, 2.5e-12, 0.015, 512.0, 4096, 15000.0, 3e7, 0.5)
+    assert [format_tick(v) for v in values] == ["1e-6", "2.5e-12", "0.015", "512", "4096", "15000", "3e7", "0.5"]
 
 
 def test_line_chart_draws_each_finite_point_and_drops_the_rest():
