@@ -52,6 +52,7 @@ class BenchOptions:
         towers: the towers to time (default all). calib: INT8 calibration data (default: the checkpoint's).
         bundles: existing bundle directories to time beside the runners.
         out: folder for the cache of exported graphs, bundles and AOT packages.
+        peak_n: side of the square MatMul whose peak is measured (default toolkit.peak.DEFAULT_N per device).
     """
 
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
@@ -65,6 +66,7 @@ class BenchOptions:
     calib: str | None = None
     bundles: tuple[str, ...] = ()
     out: str = "runs/bench"
+    peak_n: int | None = None
 
     def check(self) -> None:
         """Refuse bad options in one line each, before anything is loaded or built."""
@@ -76,6 +78,8 @@ class BenchOptions:
             raise DcncError(f"--threads {self.threads}: must be at least 1")
         if self.device not in DEFAULT_RUNNERS:
             raise DcncError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.peak_n is not None and self.peak_n < 16:
+            raise DcncError(f"peak_n {self.peak_n}: a MatMul peak needs a matrix of at least 16 x 16")
         if self.calib is not None and not Path(self.calib).exists():
             raise DcncError(f"--calib {self.calib}: not found")
 
@@ -179,7 +183,7 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
             for name, tower in towers.items():
                 report["towers"][name] = _bench_tower(name, tower, kinds, bundles, workspace, options, batch_sizes, timer, bar)
             bar.advance("measuring MatMul peaks")
-            report["peaks"] = _measure_peaks(report["towers"], options.device, threads)
+            report["peaks"] = _measure_peaks(report["towers"], options.device, threads, options.peak_n)
     finally:
         torch.set_num_threads(previous_threads)
     _read_against(report)
@@ -257,7 +261,7 @@ def _peak_keys(entry: dict[str, Any], device: str) -> dict[str, str]:
     return {"fp32": peak_key(runtime, device, "fp32"), "precision": peak_key(runtime, device, entry["precision"])}
 
 
-def _measure_peaks(towers: dict[str, Any], device: str, threads: int) -> dict[str, Any]:
+def _measure_peaks(towers: dict[str, Any], device: str, threads: int, n: int | None) -> dict[str, Any]:
     """Measure each peak some timed runner is read against, once."""
     from toolkit.peak import measure_peak
 
@@ -271,7 +275,7 @@ def _measure_peaks(towers: dict[str, Any], device: str, threads: int) -> dict[st
     peaks = {}
     for key, (runtime, precision) in needed.items():
         try:
-            peaks[key] = measure_peak(runtime, device, precision, threads).to_dict()
+            peaks[key] = measure_peak(runtime, device, precision, threads, n).to_dict()
         except DcncError as err:
             peaks[key] = {"skipped": str(err)}
     return peaks

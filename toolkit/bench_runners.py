@@ -193,7 +193,9 @@ class Workspace:
         self.calib = Path(calib) if calib is not None else None
         sizes = sorted(batch_sizes)
         self.batch_profile = (sizes[0], sizes[len(sizes) // 2], sizes[-1])
-        key = hashlib.sha256(f"{loaded.source_hash}|{loaded.source}|torch {torch.__version__}".encode()).hexdigest()
+        # what the export depends on: the model's bytes, its kind and file name (kept in the ONNX metadata), torch
+        name = loaded.source if loaded.kind == "factory" else Path(loaded.source).name
+        key = hashlib.sha256(f"{loaded.source_hash}|{loaded.kind}|{name}|torch {torch.__version__}".encode()).hexdigest()
         self.root = Path(out) / "cache" / key[:16]
 
     # --- exported graphs ------------------------------------------------------------------------------------
