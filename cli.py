@@ -408,6 +408,7 @@ def bench(
     threads: int = typer.Option(None, "--threads", help="torch and ORT intra-op threads (default: the cores this process may use)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (torch on CUDA, ORT CUDA and TensorRT bundles, timed with CUDA events)."),
     out: str = typer.Option("runs/bench", "--out", help="Cache folder for exported graphs, bundles built on the fly and AOT packages."),
+    peak_n: int = typer.Option(None, "--peak-n", help="Side of the square MatMul whose measured peak results are read against (default 1024 on cpu, 8192 on cuda)."),
     json_path: str = typer.Option(None, "--json", help="Write the full report (schema dcnc.bench/1) here."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no table."),
 ) -> None:
@@ -417,7 +418,7 @@ def bench(
     options = BenchOptions(
         batch_sizes=_ints(batch_sizes, "--batch-sizes"), iterations=iterations, warmup=warmup, threads=threads,
         device=device, runners=parse_runners(runners), aot=aot, towers=tuple(towers or ()), calib=calib,
-        bundles=tuple(bundles or ()), out=out,
+        bundles=tuple(bundles or ()), out=out, peak_n=peak_n,
     )
     report = run_bench(model, options, progress=not quiet)
     if json_path:
