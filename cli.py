@@ -57,6 +57,9 @@ def main(
 
 
 # --- dcnc export ----------------------------------------------------------------------------------------------
+# The pass names for --help, spelled out so `dcnc --help` does not import onnx (tests pin them to the manager's).
+EXPORT_DEFAULT_PASSES = ("cleanup", "fold", "canonicalize")
+EXPORT_PASS_NAMES = ("cleanup", "fold", "canonicalize", "fuse_entry")
 EXPORT_EPILOG = """MODEL forms, with examples:
 
 A dcnc checkpoint (spec + weights; its towers and inputs come with it): `dcnc export runs/example/ranker.pt -o ranker.onnx`; a two-tower model writes a directory: `dcnc export runs/example/two_tower.pt -o towers/` (towers/query.onnx, towers/item.onnx).
@@ -82,19 +85,21 @@ def export(
     rtol: float = typer.Option(1e-5, "--rtol", help="Relative tolerance per element: pass when |onnx - torch| <= atol + rtol x |torch| (and cosine >= 0.99999 per output)."),
     validate_batch: int = typer.Option(4096, "--validate-batch", help="The large batch validated beside batch 1."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    passes: str = typer.Option("default", "--passes", help=f"Graph passes run on each tower before it is saved and validated: default ({','.join(EXPORT_DEFAULT_PASSES)}), gpu (default + fuse_entry), none (the exporter's own graph), or pass names separated by commas ({', '.join(EXPORT_PASS_NAMES)}). What each pass did is kept in the file's metadata (dcnc.passes)."),
 ) -> None:
     """Export a trained model's towers to ONNX (dynamic batch, deterministic, with dcnc metadata) and validate them against PyTorch."""
     from rich.table import Table
 
-    from graphs.export import export_model
+    from graphs.export import export_model, pass_pipeline
     from graphs.validate import ParityFailed, worst_table
     from toolkit.loading import load_model
 
+    pipeline = pass_pipeline(passes)  # an unknown pass is refused before the model loads
     loaded = load_model(model, inputs, weights)
     for note in loaded.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     try:
-        results = export_model(loaded, out, opset, validate, atol, rtol, towers, force, validate_batch)
+        results = export_model(loaded, out, opset, validate, atol, rtol, towers, force, validate_batch, pipeline)
     except ParityFailed as failed:
         Console().print(worst_table(failed.checks))
         raise
@@ -114,6 +119,9 @@ def export(
             f"{min(c.cosine for c in checks):.7f}" if checks else "-",
         )
     Console().print(table)
+    for result in results:
+        steps = ", ".join(f"{r.name} {r.nodes_before}->{r.nodes_after}" for r in result.passes) or "none"
+        Console().print(f"passes ({result.tower}, nodes): {steps}", highlight=False, soft_wrap=True)
 
 
 # --- dcnc verify ----------------------------------------------------------------------------------------------

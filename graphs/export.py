@@ -19,8 +19,8 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,13 +37,18 @@ if TYPE_CHECKING:
     import onnx
     import onnx_ir
 
+    from graphs.passes.manager import PassRecord
+
 BATCH_AXIS = "batch"  # the ONNX name of the dynamic batch dimension
 TORCHLIB_OPSET = 18  # the opset torch's exporter is written in; lower ones need onnx's converter, which often fails
 EXTERNAL_DATA_THRESHOLD = 2**31 - 1  # protobuf cannot serialise one message above 2 GB
 # Node metadata the exporter adds that depends on where the source lives, not on the model.
 DROPPED_NODE_METADATA = ("pkg.torch.onnx.stack_trace",)
 
+# Graph passes: pass names ("default", "gpu", "none", "cleanup,fold", a list), or a ModelProto -> ModelProto
+# callable (a PassPipeline leaves its `records` on itself), or None for the exporter's own output.
 Passes = Callable[["onnx.ModelProto"], "onnx.ModelProto"]
+PassSelection = str | Sequence[str] | Passes | None
 
 
 @dataclass
@@ -58,6 +63,7 @@ class ExportResult:
     outputs: list[str]
     opset: int
     parity: list[OutputParity] | None = None
+    passes: list[PassRecord] = field(default_factory=list)  # what each graph pass did, in order
 
     @property
     def passed(self) -> bool:
@@ -94,17 +100,19 @@ def export_model(
     towers: list[str] | None = None,
     force: bool = False,
     validate_batch: int = DEFAULT_LARGE_BATCH,
-    passes: Passes | None = None,
+    passes: PassSelection = None,
 ) -> list[ExportResult]:
     """Export the selected towers of `loaded` to `out` and validate each against torch.
 
     out: the `.onnx` path for one tower; a directory holding `<tower>.onnx` per tower for several.
     atol/rtol: graphs.validate.Tolerance (None: the defaults there). validate_batch: the large batch checked
-    beside batch 1. passes: applied to each ModelProto before it is saved.
+    beside batch 1. passes: graph passes run on each tower before it is saved (see PassSelection; `dcnc export`
+    gives "default"); None keeps the exporter's graph. Validation reads the file as saved, after the passes.
     Raises DcncError (nothing written) for bad input or an export failure; ParityFailed (files kept) when an
     output differs from torch beyond the tolerance.
     """
     check_opset(opset)
+    passes = pass_pipeline(passes)  # unknown pass names are refused before any work
     if validate_batch < 1:
         raise DcncError(f"--validate-batch must be >= 1, got {validate_batch}")
     tolerance = Tolerance(atol=atol, **({"rtol": rtol} if rtol is not None else {}))
@@ -134,21 +142,52 @@ def export_tower(
     path: str | Path,
     opset: int = TORCHLIB_OPSET,
     metadata: dict[str, str] | None = None,
-    passes: Passes | None = None,
+    passes: PassSelection = None,
 ) -> ExportResult:
-    """Export one tower to `path` (atomically). metadata: extra props (see source_metadata) beside the tower's."""
+    """Export one tower to `path` (atomically), graph passes applied.
+
+    metadata: extra props (see source_metadata) beside the tower's own and `dcnc.passes` (what each pass did).
+    """
+    from graphs.passes.manager import METADATA_KEY as PASSES_KEY
+
     check_opset(opset)
     path = Path(path)
+    pipeline = pass_pipeline(passes)
     model = tower_to_onnx(tower, opset)
-    if passes is not None:
-        model = passes(model)
-    props = {**(metadata or {}), **tower_metadata(tower)}
-    del model.metadata_props[:]
+    records: list[PassRecord] = []
+    if pipeline is not None:
+        try:
+            model = pipeline(model)
+        except DcncError as err:
+            raise type(err)(f"tower {tower.name}: {err}") from None
+        records = list(getattr(pipeline, "records", []))
+    props = {**(metadata or {}), **tower_metadata(tower), PASSES_KEY: passes_metadata(records)}
+    del model.metadata_props[:]  # the passes' own props (with timings) would make the bytes differ run to run
     for key in sorted(props):
         model.metadata_props.add(key=key, value=props[key])
     _save(model, path)
     return ExportResult(
-        tower.name, path, path.stat().st_size, _sha256(path), tower.input_specs, tower.output_names, opset
+        tower.name, path, path.stat().st_size, _sha256(path), tower.input_specs, tower.output_names, opset,
+        passes=records,
+    )
+
+
+def pass_pipeline(passes: PassSelection) -> Passes | None:
+    """A callable for `passes`: names become a graphs.passes.manager.PassPipeline (DcncError for an unknown
+    name), a callable is kept, None or "none" is None."""
+    if passes is None or callable(passes):
+        return passes
+    from graphs.passes.manager import PassPipeline
+
+    pipeline = PassPipeline(passes)
+    return pipeline if pipeline.names else None
+
+
+def passes_metadata(records: list[PassRecord]) -> str:
+    """The `dcnc.passes` prop: per pass its name, node counts around it and what it changed. Not its time:
+    the file's bytes must not depend on how fast the machine was."""
+    return json.dumps(
+        [{k: v for k, v in record.to_dict().items() if k != "seconds"} for record in records], sort_keys=True
     )
 
 
@@ -391,23 +430,41 @@ def _check_output(out: Path, several: bool, force: bool) -> None:
 @contextlib.contextmanager
 def _staged(out: Path, several: bool, force: bool) -> Iterator[Path]:
     """A folder to write into; on success its content takes the place of `out` (a directory, or one file and
-    its external data), on failure it is removed with everything in it."""
-    if several:
-        with atomic_dir(out, force=force) as folder:
-            _readable(folder)
+    its external data), on failure it is removed with everything in it, and so are the folders made for `out`."""
+    created = _missing_folders(out.parent)
+    try:
+        if several:
+            with atomic_dir(out, force=force) as folder:
+                _readable(folder)
+                yield folder
+            return
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        except OSError as err:
+            raise DcncError(f"{out}: cannot be written ({err.strerror})") from None
+        try:
             yield folder
-        return
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as err:
-        raise DcncError(f"{out}: cannot be written ({err.strerror})") from None
-    try:
-        yield folder
-        for item in sorted(folder.iterdir(), key=lambda p: p.name == out.name):  # data file first, model last
-            os.replace(item, out.parent / item.name)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+            for item in sorted(folder.iterdir(), key=lambda p: p.name == out.name):  # data file first, model last
+                os.replace(item, out.parent / item.name)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    except BaseException:
+        for made in reversed(created):  # innermost first; one that is not empty is someone else's now
+            try:
+                made.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders above a path that do not exist yet, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
 
 
 @contextlib.contextmanager
