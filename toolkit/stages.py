@@ -69,9 +69,11 @@ def _source(job: ModelJob, out: Path, quiet: bool, say: Say) -> tuple[str, str]:
     say(f"{job.name} train: checking {out / 'example'}")
     started = time.perf_counter()
     result = ensure_examples(out / "example", job.dataset, None, (family,), job.epochs, job.seed, quiet)[family]
-    outcome = "trained" if result["trained"] else "current"
-    say(f"{job.name} train: {'done in %.1f s' % (time.perf_counter() - started) if result['trained'] else 'current'}")
-    return result["checkpoint"], outcome
+    if result["trained"]:
+        say(f"{job.name} train: done in {time.perf_counter() - started:.1f} s")
+        return result["checkpoint"], "trained"
+    say(f"{job.name} train: current")
+    return result["checkpoint"], "current"
 
 
 def checkpoint_calibration(source: str) -> dict[str, Path]:
@@ -147,7 +149,7 @@ def _build(job: ModelJob, target: Target, export_dir: Path, export_hashes: dict,
     options = {k: v for k, v in dataclasses.asdict(target).items() if k not in ("name", "gates", "calib")}
     stage = Stage(f"{job.name}/{target.name}/build", folder / "build.stamp.json", {
         "export": export_hashes, "options": options,
-        "calib": {"path": str(calib), "sha256": content_hash(calib)} if calib is not None else None,
+        "calib": content_hash(calib) if calib is not None else None,  # content, not path: an out folder may move
         "versions": installed_versions(target.backend),
     }, {"bundle": bundle})
 
@@ -212,6 +214,14 @@ def _run_model(job: ModelJob, out: Path, force: bool, quiet: bool, say: Say, whe
     data = job.verify.data or loaded.eval_data
     if data is None:
         raise DcncError(f"{where}: model {job.name}: {source} names no evaluation data; set verify.data")
+    default_calib = None
+    if any(t.precision != "fp32" and t.calib is None for t in job.targets):
+        default_calib = _model_calibration(job, source, folder)
+    calibs = {t.name: t.calib or (default_calib if t.precision != "fp32" else None) for t in job.targets}
+    for target in job.targets:
+        if target.precision == "int8" and calibs[target.name] is None:
+            raise DcncError(f"{where}: model {job.name}, target {target.name}: int8 needs calibration data and"
+                            f" {source} names none; set calib")
     model_entry: dict[str, Any] = {"name": job.name, "source": source, "stages": {"train": trained}}
     try:
         outcome, export_hashes = _export(job, loaded, folder, force, say)
@@ -222,17 +232,10 @@ def _run_model(job: ModelJob, out: Path, force: bool, quiet: bool, say: Say, whe
         return model_entry, [_failed_target(job, t, model_entry["error"]) for t in job.targets]
     model_entry["stages"]["export"] = outcome
     model_entry["export"] = str(folder / "export")
-    default_calib = None
-    if any(t.precision != "fp32" and t.calib is None for t in job.targets):
-        default_calib = _model_calibration(job, source, folder)
     entries = []
     for target in job.targets:
-        calib = target.calib or (default_calib if target.precision != "fp32" else None)
-        if target.precision == "int8" and calib is None:
-            raise DcncError(f"{where}: model {job.name}, target {target.name}: int8 needs calibration data and"
-                            f" {source} names none; set calib")
         tdir = folder / target.name
-        built, build_hashes = _build(job, target, folder / "export", export_hashes, calib, tdir, force, say)
+        built, build_hashes = _build(job, target, folder / "export", export_hashes, calibs[target.name], tdir, force, say)
         verified, report = _verify(job, target, source, loaded.source_hash, Path(data), build_hashes, tdir, force, say)
         entries.append(target_summary(job.name, target, report, {"build": built, "verify": verified},
                                       {"bundle": str(tdir / "bundle"), **{k: str(tdir / f) for k, f in REPORT_FILES.items()}}))
