@@ -26,10 +26,11 @@ HISTOGRAM_BARS = 48  # at most this many bars per error histogram: neighbouring 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: .6em 0 1.2em; } th, td { padding: .25em .7em; border-bottom: 1px solid #e4e4e4; }
+table { border-collapse: collapse; margin: .6em 0 1.2em; }
+th, td { padding: .25em .7em; border-bottom: 1px solid #e4e4e4; }
 th { background: #f4f4f4; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.fail td { background: #fde8e8; color: #a40000; } tr.pass td.verdict { color: #1a7f37; }
-.badge { display: inline-block; padding: .05em .6em; border-radius: .8em; color: #fff; font-size: .8em; vertical-align: middle; }
+.badge { display: inline-block; padding: .05em .6em; border-radius: .8em; color: #fff; font-size: .8em; }
 .badge.pass { background: #1a7f37; } .badge.fail { background: #c62828; } .badge.unknown { background: #888; }
 .charts { display: flex; flex-wrap: wrap; gap: 1em; } .note { color: #666; font-size: .9em; }
 svg.chart { background: #fff; border: 1px solid #e4e4e4; }
@@ -82,9 +83,9 @@ def _times(value: Any) -> str:
     return f"{format_number(value, 3)}x" if usable(value) else "n/a"
 
 
-def _worst(values: list[Any], highest: bool = False) -> float | None:
-    finite = [v for v in values if usable(v)]
-    return (max if highest else min)(finite) if finite else None
+def _lowest(values: list[Any]) -> float | None:
+    """The minimum, or None (shown as n/a) when there is none or one of them is missing or NaN."""
+    return min(values) if values and all(usable(v) for v in values) else None
 
 
 def _by_k(values: dict[str, Any]) -> list[tuple[int, Any]]:
@@ -122,9 +123,9 @@ def _overview(reports: dict[str, dict[str, Any]]) -> str:
     rows, classes = [], []
     for i, (name, report) in enumerate(reports.items()):
         failed = [str(g.get("name")) for g in report.get("gates") or [] if isinstance(g, dict) and not g.get("passed")]
-        cosine = _worst([_get(s, "cosine_min") for s in _dict(report.get("parity")).values()])
+        cosine = _lowest([_get(s, "cosine_min") for s in _dict(report.get("parity")).values()])
         rows.append([Html(f'<a href="#target-{i}">{escape(name)}</a>'), _badge(report.get("passed")),
-                     str(report.get("precision", "?")), str(report.get("device", "?")), format_number(cosine, 8),
+                     str(report.get("precision") or "?"), str(report.get("device") or "?"), format_number(cosine, 8),
                      _quality_summary(report), _speedup_summary(report), ", ".join(failed) or "none"])
         classes.append({True: "pass", False: "fail"}.get(report.get("passed"), ""))
     header = ["target", "result", "precision", "device", "cosine min", "recall / AUC ratio (worst)",
@@ -143,8 +144,8 @@ def _speedup_charts(reports: dict[str, dict[str, Any]]) -> str:
             points = [(int(b), _get(e, "speedup")) for b, e in batches.items() if str(b).isdigit()]
             series.append(Series(name, points, PALETTE[i % len(PALETTE)]))
         batches = sorted({p[0] for s in series for p in s.points})
-        charts.append(line_chart(series, f"{tower}: speedup over the reference", "batch size", "reference p50 / candidate p50",
-                                 x_log=True, y_log=True, x_ticks=batches))
+        charts.append(line_chart(series, f"{tower}: speedup over the reference", "batch size",
+                                 "reference p50 / candidate p50", x_log=True, y_log=True, x_ticks=batches))
     return f'<div class="charts">{"".join(charts)}</div>' if charts else ""
 
 
@@ -164,17 +165,19 @@ def _gates(report: dict[str, Any]) -> str:
 def _histogram_chart(output: str, histogram: dict[str, Any]) -> str:
     """|candidate - reference| on a log axis; neighbouring log bins merged to at most HISTOGRAM_BARS bars."""
     edges, counts = histogram.get("edges") or [], histogram.get("counts") or []
-    if not histogram or (counts and len(edges) != len(counts) + 1):
+    if not histogram or (counts and len(edges) != len(counts) + 1) or not all(usable(c) for c in [*edges, *counts]):
         return f'<p class="note">{escape(output)}: no error histogram in this report.</p>'
     tiny, floor = _get(histogram, "at_or_below", "count"), format_number(_get(histogram, "at_or_below", "value"))
     if not counts:
-        return f'<p class="note">{escape(output)}: all {format_number(tiny)} errors at or below {floor}: nothing to draw.</p>'
+        return (f'<p class="note">{escape(output)}: all {format_number(tiny)} errors at or below {floor}: '
+                "nothing to draw.</p>")
     merge = max(1, math.ceil(len(counts) / HISTOGRAM_BARS))
     bars = []
     for start in range(0, len(counts), merge):
         stop = min(start + merge, len(counts))
         low, high, count = edges[start], edges[stop], sum(counts[start:stop])
-        bars.append(Bar(low, high, count, CANDIDATE_COLOR, f"({format_number(low, 3)}, {format_number(high, 3)}]: {count}"))
+        tip = f"({format_number(low, 3)}, {format_number(high, 3)}]: {count}"
+        bars.append(Bar(low, high, count, CANDIDATE_COLOR, tip))
     chart = bar_chart(bars, f"{output}: |candidate - reference|", "absolute error (log scale)", "elements", x_log=True)
     note = (f'<p class="note">{format_number(tiny)} elements with error at or below {floor} (exact matches) '
             "are not drawn.</p>") if tiny else ""
@@ -189,8 +192,9 @@ def _parity(report: dict[str, Any]) -> str:
     for output, stats in parity.items():
         q = _dict(_get(stats, "error_quantiles"))
         nonfinite = sum(v for k, v in _dict(stats).items() if k.startswith("candidate_") and usable(v))
-        rows.append([output, _get(stats, "max_abs"), _get(stats, "rel_l2"), format_number(_get(stats, "cosine_mean"), 8),
-                     format_number(_get(stats, "cosine_min"), 8), q.get("p50"), q.get("p99"), q.get("p99.9"), nonfinite])
+        rows.append([output, _get(stats, "max_abs"), _get(stats, "rel_l2"),
+                     format_number(_get(stats, "cosine_mean"), 8), format_number(_get(stats, "cosine_min"), 8),
+                     q.get("p50"), q.get("p99"), q.get("p99.9"), nonfinite])
         charts.append(_histogram_chart(output, _dict(_get(stats, "histogram"))))
     header = ["output", "max abs", "rel L2", "cosine mean", "cosine min", "p50 |err|", "p99 |err|", "p99.9 |err|",
               "candidate NaN/Inf"]
@@ -208,29 +212,32 @@ def _retrieval(retrieval: dict[str, Any]) -> str:
         [Series("reference", reference, REFERENCE_COLOR),
          Series("candidate", [(k, candidate.get(str(k))) for k in ks], CANDIDATE_COLOR, dashed=True)],
         "recall@K", "K", "recall", x_log=True, y_zero=True, x_ticks=ks)
-    counts = (f'<p class="note">{format_number(retrieval.get("queries"))} queries, {format_number(retrieval.get("items"))} '
-              f'items, {format_number(retrieval.get("relevant_pairs"))} relevant pairs.</p>')
-    return ("<h3>Retrieval</h3>" + counts + _table(["K", "recall reference", "recall candidate", "ratio", "agreement"], rows)
-            + chart)
+    counts = (f'<p class="note">{format_number(retrieval.get("queries"))} queries, '
+              f'{format_number(retrieval.get("items"))} items, '
+              f'{format_number(retrieval.get("relevant_pairs"))} relevant pairs.</p>')
+    header = ["K", "recall reference", "recall candidate", "ratio", "agreement"]
+    return "<h3>Retrieval</h3>" + counts + _table(header, rows) + chart
 
 
 def _ranking(ranking: dict[str, Any]) -> str:
     outputs = _dict(ranking.get("outputs"))
-    rows = [[output, metric, format_number(_get(m, metric, "reference"), 6), format_number(_get(m, metric, "candidate"), 6),
-             format_number(_get(m, metric, "diff"), 3)] for output, m in outputs.items() for metric in ("auc", "logloss")]
+    rows = [[output, metric, format_number(_get(m, metric, "reference"), 6),
+             format_number(_get(m, metric, "candidate"), 6), format_number(_get(m, metric, "diff"), 3)]
+            for output, m in outputs.items() for metric in ("auc", "logloss")]
     charts = []
     for metric, label in (("auc", "AUC"), ("logloss", "log loss")):
         bars, ticks = [], {}
         for i, (output, m) in enumerate(outputs.items()):
             for offset, side, color in ((0.12, "reference", REFERENCE_COLOR), (0.52, "candidate", CANDIDATE_COLOR)):
                 value = _get(m, metric, side)
-                bars.append(Bar(i + offset, i + offset + 0.36, value, color, f"{output} {side}: {format_number(value, 6)}"))
+                tip = f"{output} {side}: {format_number(value, 6)}"
+                bars.append(Bar(i + offset, i + offset + 0.36, value, color, tip))
             ticks[i + 0.5] = output
         charts.append(bar_chart(bars, label, "output", label, x_ticks=ticks, x_span=(0, len(outputs)),
                                 legend=[("reference", REFERENCE_COLOR), ("candidate", CANDIDATE_COLOR)]))
     note = f'<p class="note">{format_number(ranking.get("rows"))} labelled rows.</p>'
-    return ("<h3>Ranking</h3>" + note + _table(["output", "metric", "reference", "candidate", "diff"], rows, numeric=(2, 5))
-            + f'<div class="charts">{"".join(charts)}</div>')
+    table = _table(["output", "metric", "reference", "candidate", "diff"], rows, numeric=(2, 5))
+    return "<h3>Ranking</h3>" + note + table + f'<div class="charts">{"".join(charts)}</div>'
 
 
 def _latency(latency: dict[str, Any]) -> str:
@@ -254,9 +261,10 @@ def _latency(latency: dict[str, Any]) -> str:
                          f"{100 * noise:.1f}%" if usable(noise) else "n/a"])
     header = ["tower", "batch", "ref p50 ms", "ref p90 ms", "ref p99 ms", "cand p50 ms", "cand p90 ms", "cand p99 ms",
               "cand samples/s", "speedup", "noise"]
-    timer = (f'<p class="note">Timer {escape(str(latency.get("timer", "?")))} on {escape(str(latency.get("device", "?")))}, '
-             f'{format_number(latency.get("warmup"))} warm-up and {format_number(latency.get("iterations"))} timed rounds '
-             f'per batch size, reference and candidate interleaved. Noise: {escape(str(latency.get("noise_method", "n/a")))}</p>')
+    timer = (f'<p class="note">Timer {escape(str(latency.get("timer", "?")))} on '
+             f'{escape(str(latency.get("device", "?")))}, {format_number(latency.get("warmup"))} warm-up and '
+             f'{format_number(latency.get("iterations"))} timed rounds per batch size, reference and candidate '
+             f'interleaved. Noise: {escape(str(latency.get("noise_method", "n/a")))}</p>')
     return ("<h3>Latency</h3>" + timer + f'<div class="charts">{"".join(charts)}</div>' + _table(header, rows)
             + _branches(_dict(latency.get("branches"))))
 

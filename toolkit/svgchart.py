@@ -112,7 +112,8 @@ def _frame(title: str, x: Axis, y: Axis, x_label: str, y_label: str, x_names: di
     for tick in x.ticks():
         px = x(tick)
         label = (x_names or {}).get(tick, format_tick(tick))
-        parts.append(f'<line x1="{px:.1f}" y1="{HEIGHT - BOTTOM}" x2="{px:.1f}" y2="{HEIGHT - BOTTOM + 4}" stroke="#888"/>')
+        parts.append(f'<line x1="{px:.1f}" y1="{HEIGHT - BOTTOM}" x2="{px:.1f}" y2="{HEIGHT - BOTTOM + 4}" '
+                     'stroke="#888"/>')
         parts.append(f'<text x="{px:.1f}" y="{HEIGHT - BOTTOM + 17}" text-anchor="middle">{escape(label)}</text>')
     parts += [
         f'<line x1="{LEFT}" y1="{HEIGHT - BOTTOM}" x2="{WIDTH - RIGHT}" y2="{HEIGHT - BOTTOM}" stroke="#888"/>',
@@ -184,7 +185,8 @@ def bar_chart(bars: Sequence[Bar], title: str, x_label: str, y_label: str, x_log
     bars = [b for b in bars if usable(b.x0, x_log) and usable(b.x1, x_log) and usable(b.height)]
     if not bars:
         return _nothing(title)
-    x = Axis([v for b in bars for v in (b.x0, b.x1)], LEFT, WIDTH - RIGHT, x_log, ticks=list(x_ticks or ()), span=x_span)
+    x = Axis([v for b in bars for v in (b.x0, b.x1)], LEFT, WIDTH - RIGHT, x_log, ticks=list(x_ticks or ()),
+             span=x_span)
     y = Axis([b.height for b in bars], HEIGHT - BOTTOM, TOP, zero=True)
     parts = _frame(title, x, y, x_label, y_label, x_ticks)
     for b in bars:
