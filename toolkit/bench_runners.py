@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,7 +272,9 @@ class Workspace:
             tmp.unlink()  # AOTInductor writes the package itself, to a name ending in .pt2
             package = tmp.with_suffix(".pt2")
             try:
-                torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+                with warnings.catch_warnings():  # torch's own deprecation notices would break the progress bar
+                    warnings.simplefilter("ignore", FutureWarning)
+                    torch._inductor.aoti_compile_and_package(program, package_path=str(package))
                 package.replace(tmp)
             finally:
                 package.unlink(missing_ok=True)

@@ -95,7 +95,8 @@ def test_timings_throughput_and_percent_of_peak_are_positive_and_finite(report):
     timed = list(_timed(report))
     assert len(timed) == len(ORT_RUNNERS) * len(BATCHES)
     for name, batch, stats in timed:
-        for key in ("p50_ms", "p90_ms", "p99_ms", "throughput", "speedup", "gflops", "pct_peak", "pct_peak_fp32"):
+        for key in ("p50_ms", "p90_ms", "p99_ms", "throughput", "throughput_p50", "speedup", "gflops", "pct_peak",
+                    "pct_peak_fp32"):  # fmt: skip
             assert stats[key] is not None and math.isfinite(stats[key]) and stats[key] > 0, (name, batch, key)
         assert stats["p50_ms"] <= stats["p99_ms"]
         assert stats["iterations"] == 3
@@ -114,6 +115,17 @@ def test_each_runner_is_read_against_its_runtimes_peaks(report):
     assert runners["ort-int8"]["peak"] == {"fp32": "ort:cpu:fp32", "precision": "ort:cpu:int8"}
     for key in ("torch:cpu:fp32", "ort:cpu:fp32", "ort:cpu:fp16", "ort:cpu:int8"):
         assert report["peaks"][key]["gflops"] > 0, key
+
+
+def test_each_peak_is_the_faster_of_its_measurements_before_and_after_the_towers(report):
+    for key, peak in report["peaks"].items():
+        assert peak["gflops"] == max(peak["gflops_before"], peak["gflops_after"]), key
+
+
+def test_percent_of_peak_is_achieved_over_peak_gflops(report):
+    stats = report["towers"]["ranker"]["runners"]["ort-int8"]["batches"]["8"]
+    assert stats["pct_peak"] == pytest.approx(100 * stats["gflops"] / report["peaks"]["ort:cpu:int8"]["gflops"])
+    assert stats["pct_peak_fp32"] == pytest.approx(100 * stats["gflops"] / report["peaks"]["ort:cpu:fp32"]["gflops"])
 
 
 def test_json_is_strict_and_round_trips(report, tmp_path):
