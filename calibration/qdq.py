@@ -10,7 +10,12 @@ Q/DQ insertion is onnxruntime.quantization's quantize_static; what dcnc decides 
   otherwise; for `tensorrt`, symmetric int8 activations, per-channel symmetric weights and float biases;
 - which ops carry Q/DQ (see `TargetConfig.op_types`) and which tensors may be clipped: the skip path of a
   residual Add and the cross layer's product x0 * (W x + b) always keep their full minmax range, because a
-  clipped skip connection clips every layer after it, while entropy or percentile clipping applies elsewhere.
+  clipped skip connection clips every layer after it, while entropy or percentile clipping applies elsewhere;
+- where the integer chain ends (`float_exit_gemms`): a Gemm whose output only float ops read (the head before
+  the L2 norm, a ranker's logit) writes float, not uint8 then dequantized.
+
+Speed on the x86 CPUs this was measured on (AVX2 without VNNI) is bounded by the Gemms' share of the time and
+the U8S8 / FP32 MatMul throughput ratio (about 2x here): docs/int8.md has the counting.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ class TargetConfig:
     Add, ReLU, Concat) are quantized too, so tensors stay uint8 from one QGemm to the next (QLinearMul,
     QLinearAdd) instead of being dequantized and requantized around every float op. For `tensorrt` only Gemm
     / MatMul inputs get Q/DQ and outputs stay float: TensorRT fuses DQ into the GEMM and runs the bias, the
-    product and the residual add in its epilogue at higher precision.
+    product and the residual add in its epilogue at higher precision. quantize_outputs: Gemm outputs carry
+    Q/DQ where an integer op reads them (see `float_exit_gemms` for where none does).
     """
 
     activation_type: str  # "uint8" | "int8"
@@ -201,8 +207,60 @@ def quantize_with_ranges(
         except (ValueError, KeyError, RuntimeError) as err:
             raise DcncError(f"int8: onnxruntime could not quantize the graph ({err})") from None
         quantized = onnx.load(out)
+    if config.quantize_outputs:
+        float_exit_gemms(quantized)
     kept = set(keep_fp32)
     return quantized, [n for n in candidates if n not in kept]
+
+
+def float_exit_gemms(model) -> list[str]:
+    """Give each Gemm / MatMul whose quantized output only float ops read a float output, in place.
+
+    quantize_static quantizes every Gemm output, so where the integer chain ends (the head Gemm before the L2
+    norm, a ranker's logit, a Gemm before a node kept in FP32) the graph reads Gemm -> Q -> DQ -> float op:
+    ONNX Runtime then runs a QGemm that rounds to uint8 and a DequantizeLinear right after, once per float
+    reader. Dropping that Q -> DQ pair lets it fuse a QGemm that writes float directly: one pass over the
+    output fewer and no 8-bit rounding of the tower's output. A pair stays where any reader of the DQ is itself
+    quantized (its outputs feed a QuantizeLinear). Returns the names of the Gemms changed.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {value.name for value in graph.output}
+
+    def integer(node) -> bool:
+        return any(r.op_type == "QuantizeLinear" for out in node.output for r in readers.get(out, []))
+
+    changed, dropped = [], []
+    for quantize in graph.node:
+        gemm = producer.get(quantize.input[0]) if quantize.op_type == "QuantizeLinear" else None
+        if gemm is None or gemm.op_type not in WEIGHT_OPS or len(readers[quantize.input[0]]) != 1:
+            continue
+        dequantizes = readers.get(quantize.output[0], [])
+        if not dequantizes or any(d.op_type != "DequantizeLinear" for d in dequantizes):
+            continue
+        if any(integer(r) for d in dequantizes for r in readers.get(d.output[0], [])):
+            continue
+        # the Gemm takes over the dequantized name if it is a graph output (the interface keeps its names)
+        exits = [d.output[0] for d in dequantizes if d.output[0] in graph_outputs]
+        if len(exits) > 1:
+            continue
+        name = exits[0] if exits else gemm.output[0]
+        gemm.output[0] = name
+        for d in dequantizes:
+            for reader in readers.get(d.output[0], []):
+                reader.input[:] = [name if i == d.output[0] else i for i in reader.input]
+        dropped.extend([quantize, *dequantizes])
+        changed.append(gemm.name)
+    for node in dropped:
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)  # the dropped pair's scale and zero point
+    return changed
 
 
 def quantize_int8(

@@ -9,7 +9,14 @@ import pytest
 from onnx import numpy_helper
 
 from calib_towers import optimized_op_types, random_feeds, run, tower_graph
-from calibration.qdq import quantizable_nodes, quantize_int8, quantize_with_ranges, unclipped_tensors
+import calibration.qdq as qdq
+from calibration.qdq import (
+    float_exit_gemms,
+    quantizable_nodes,
+    quantize_int8,
+    quantize_with_ranges,
+    unclipped_tensors,
+)
 from calibration.ranges import collect_ranges
 from calibration.reader import CalibrationData
 from toolkit.errors import DcncError
@@ -27,6 +34,10 @@ def entropy_ranges(calibration):
 
 def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def _last_gemm(model: onnx.ModelProto) -> str:
+    return [n.name for n in model.graph.node if n.op_type == "Gemm"][-1]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,6 +61,51 @@ def test_cpu_target_runs_every_gemm_as_an_integer_kernel(calibration, tmp_path):
     ops = optimized_op_types(quantized, tmp_path)
     assert ops.count("QGemm") == gemms
     assert not {"Gemm", "FusedGemm", "MatMul"} & set(ops)
+
+
+def test_cpu_target_leaves_no_dequantize_for_onnxruntime_to_run(calibration, tmp_path):
+    # the head Gemm writes float straight into the L2 norm: no uint8 round trip at the end of the chain
+    quantized, _ = quantize_int8(tower_graph(), calibration, target="cpu")
+    ops = optimized_op_types(quantized, tmp_path)
+    assert "DequantizeLinear" not in ops
+
+
+def test_float_exit_gemms_keeps_quantized_outputs_that_integer_ops_read(entropy_ranges):
+    quantized, _ = quantize_with_ranges(tower_graph(), entropy_ranges, "cpu")
+    producer = {out: node for node in quantized.graph.node for out in node.output}
+    quantized_gemms = {producer[n.input[0]].name for n in quantized.graph.node
+                       if n.op_type == "QuantizeLinear" and n.input[0] in producer
+                       and producer[n.input[0]].op_type == "Gemm"}  # fmt: skip
+    gemms = {n.name for n in quantized.graph.node if n.op_type == "Gemm"}
+    # cross, deep and the first head Gemm feed QLinearMul / QGemms; only the last one's output leaves the chain
+    assert gemms - quantized_gemms == {_last_gemm(quantized)}
+
+
+def test_float_exit_gemms_removes_only_the_output_rounding(entropy_ranges, monkeypatch):
+    model = tower_graph()
+    monkeypatch.setattr(qdq, "float_exit_gemms", lambda model: [])
+    rounded, _ = quantize_with_ranges(model, entropy_ranges, "cpu")
+    monkeypatch.undo()
+    exact = onnx.ModelProto()
+    exact.CopyFrom(rounded)
+    changed = float_exit_gemms(exact)
+    feeds = random_feeds(model, 256, seed=5)
+    with_rounding, without = run(rounded, feeds)[0], run(exact, feeds)[0]
+    assert changed == [_last_gemm(model)]
+    assert len(exact.graph.node) == len(rounded.graph.node) - 2  # one QuantizeLinear, one DequantizeLinear
+    assert np.abs(without - with_rounding).max() > 0  # the 8-bit rounding of the head output is gone...
+    assert _cosine(without, with_rounding) > 0.999  # ...and nothing else changed
+
+
+def test_float_exit_gemms_keeps_the_graph_outputs_of_a_ranker(tmp_path):
+    model = tower_graph("ranking")
+    data = CalibrationData(random_feeds(model, 128, seed=3), batch_size=128)
+    quantized, _ = quantize_int8(model, data, target="cpu")
+    assert [o.name for o in quantized.graph.output] == [o.name for o in model.graph.output]
+    feeds = random_feeds(model, 64, seed=9)
+    logit, probability = run(quantized, feeds)
+    assert np.corrcoef(logit, run(model, feeds)[0])[0, 1] > 0.99
+    assert "DequantizeLinear" not in optimized_op_types(quantized, tmp_path)
 
 
 def test_cpu_target_uses_uint8_activations_and_int8_weights(calibration):
