@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
     from toolkit.pipeline import Target
 
+
 def target_summary(model: str, target: Target, report: dict[str, Any], stages: dict[str, str],
                    paths: dict[str, str]) -> dict[str, Any]:
     """The numbers the run summary shows for one target, from its verify report (toolkit.report.to_json)."""
@@ -41,7 +42,8 @@ def _quality(report: dict[str, Any]) -> dict[str, Any] | None:
         k = min(ratios, key=lambda key: ratios[key])
         return {"metric": "recall_ratio", "k": int(k), "value": ratios[k]}
     if report.get("ranking"):
-        diffs = {name: o["auc"]["diff"] for name, o in report["ranking"]["outputs"].items() if o["auc"]["diff"] is not None}
+        outputs = report["ranking"]["outputs"]
+        diffs = {name: o["auc"]["diff"] for name, o in outputs.items() if o["auc"]["diff"] is not None}
         if not diffs:
             return None
         name = max(diffs, key=lambda key: abs(diffs[key]))
@@ -64,8 +66,9 @@ def _largest_batch_latency(latency: dict[str, Any] | None) -> dict[str, Any] | N
     return towers or None
 
 
-def _number(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}g}"
+def _number(value: float | None, digits: int = 4, form: str = "g") -> str:
+    """A number for the table; None (NaN or infinity in the report's JSON) reads "n/a"."""
+    return "n/a" if value is None else f"{value:.{digits}{form}}"
 
 
 def _quality_text(quality: dict[str, Any] | None) -> str:
@@ -108,8 +111,8 @@ def summary_table(summary: dict[str, Any]):
         table.add_row(
             name, _number(entry["parity"]["cosine_min"], 7), _number(entry["parity"]["max_abs"], 2),
             _quality_text(entry["quality"]),
-            _latency_text(entry["latency"], lambda e: f"{e['p50_ms']:.3f} @{e['batch']}"),
-            _latency_text(entry["latency"], lambda e: f"{e['speedup']:.2f}x"),
+            _latency_text(entry["latency"], lambda e: f"{_number(e['p50_ms'], 3, 'f')} @{e['batch']}"),
+            _latency_text(entry["latency"], lambda e: f"{_number(e['speedup'], 2, 'f')}x"),
             f"{verdict} {entry['gates']['passed']}/{entry['gates']['total']}", _stages_text(entry["stages"]),
             style=None if entry["passed"] else "red",
         )
@@ -133,5 +136,6 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         console.print(f"report: {summary['html_report']}", highlight=False)
     console.print(f"summary: {summary['out']}/summary.json", highlight=False)
     failed = sum(not t["passed"] for t in summary["targets"])
-    verdict = "[green]PASSED[/green]" if not failed else f"[red]FAILED[/red] {failed} of {len(summary['targets'])} target(s)"
+    total = len(summary["targets"])
+    verdict = "[green]PASSED[/green]" if not failed else f"[red]FAILED[/red] {failed} of {total} target(s)"
     console.print(f"dcnc run: {verdict} in {summary['seconds']:.1f} s")

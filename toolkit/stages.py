@@ -115,7 +115,6 @@ def _export(job: ModelJob, loaded, folder: Path, force: bool, say: Say) -> tuple
     import torch
 
     from graphs.export import export_model
-    from graphs.passes.manager import PassPipeline
 
     settings = job.export
     export_dir = folder / "export"
@@ -132,9 +131,8 @@ def _export(job: ModelJob, loaded, folder: Path, force: bool, say: Say) -> tuple
             shutil.rmtree(export_dir)  # a single tower is written as a file into the folder: clear leftovers
         (export_dir.parent if several else export_dir).mkdir(parents=True, exist_ok=True)
         target = export_dir if several else export_dir / f"{next(iter(loaded.towers))}.onnx"
-        passes = PassPipeline(settings.passes) if settings.passes else None
         export_model(loaded, target, settings.opset, settings.validate, force=True,
-                     validate_batch=settings.validate_batch, passes=passes)
+                     validate_batch=settings.validate_batch, passes=list(settings.passes) or None)
 
     return _timed(say, f"{job.name} export", stage, force, work)
 
@@ -204,7 +202,9 @@ def _check_targets(job: ModelJob, where: str) -> None:
             raise DcncError(f"{where}: model {job.name}, target {target.name}: {err}") from None
 
 
-def _run_model(job: ModelJob, out: Path, force: bool, quiet: bool, say: Say, where: str) -> tuple[dict, list[dict]]:
+def _run_model(job: ModelJob, out: Path, force: bool, quiet: bool, say: Say, where: str
+               ) -> tuple[dict, list[dict], dict[str, dict]]:
+    """The model's summary entry, its targets' summary entries, and their verify reports by "model/target"."""
     from graphs.validate import ParityFailed
     from toolkit.loading import load_model
 
@@ -229,17 +229,19 @@ def _run_model(job: ModelJob, out: Path, force: bool, quiet: bool, say: Say, whe
         model_entry["stages"]["export"] = "failed"
         model_entry["error"] = f"export validation failed: {str(failed).splitlines()[0]}"
         say(f"{job.name} export: FAILED ({model_entry['error']})")
-        return model_entry, [_failed_target(job, t, model_entry["error"]) for t in job.targets]
+        return model_entry, [_failed_target(job, t, model_entry["error"]) for t in job.targets], {}
     model_entry["stages"]["export"] = outcome
     model_entry["export"] = str(folder / "export")
-    entries = []
+    entries, reports = [], {}
     for target in job.targets:
         tdir = folder / target.name
-        built, build_hashes = _build(job, target, folder / "export", export_hashes, calibs[target.name], tdir, force, say)
+        calib = calibs[target.name]
+        built, build_hashes = _build(job, target, folder / "export", export_hashes, calib, tdir, force, say)
         verified, report = _verify(job, target, source, loaded.source_hash, Path(data), build_hashes, tdir, force, say)
-        entries.append(target_summary(job.name, target, report, {"build": built, "verify": verified},
-                                      {"bundle": str(tdir / "bundle"), **{k: str(tdir / f) for k, f in REPORT_FILES.items()}}))
-    return model_entry, entries
+        paths = {"bundle": str(tdir / "bundle"), **{k: str(tdir / f) for k, f in REPORT_FILES.items()}}
+        entries.append(target_summary(job.name, target, report, {"build": built, "verify": verified}, paths))
+        reports[f"{job.name}/{target.name}"] = report
+    return model_entry, entries, reports
 
 
 def _failed_target(job: ModelJob, target: Target, error: str) -> dict[str, Any]:
@@ -267,12 +269,10 @@ def run_pipeline(pipeline: Pipeline, out: str | Path, force: bool = False, quiet
     started = time.perf_counter()
     models, targets, reports = [], [], {}
     for job in pipeline.models:
-        entry, entries = _run_model(job, out, force, quiet, say, pipeline.label)
+        entry, entries, model_reports = _run_model(job, out, force, quiet, say, pipeline.label)
         models.append(entry)
         targets.extend(entries)
-        for target in entries:
-            if "report" in target["paths"]:
-                reports[f"{target['model']}/{target['target']}"] = json.loads(Path(target["paths"]["report"]).read_text())
+        reports.update(model_reports)
     summary = {
         "schema": SCHEMA,
         "passed": all(t["passed"] for t in targets),

@@ -64,7 +64,8 @@ def save_tiny_ranker(folder: Path, seed: int = 0) -> Path:
     noisy = logit + 0.5 * logit.std() * np.random.default_rng(2).standard_normal(len(logit))
     np.savez(folder / "eval.npz", label=(noisy > np.median(noisy)).astype(np.float32), **rows)
     np.savez(folder / "calib.npz", **random_inputs(tower.input_specs, 128, seed=3))
-    save_checkpoint(model, spec, folder / "ranker.pt", extra={"eval_data": "eval.npz", "calib_data": {"ranker": "calib.npz"}})
+    extra = {"eval_data": "eval.npz", "calib_data": {"ranker": "calib.npz"}}
+    save_checkpoint(model, spec, folder / "ranker.pt", extra=extra)
     return folder / "ranker.pt"
 
 
@@ -106,7 +107,8 @@ def test_cold_run_builds_and_verifies_every_target_and_writes_the_summary(cold):
     for target in ("fp32", "int8"):
         for name in ("report.json", "report.md", "junit.xml"):
             assert (case / "out" / "ranker" / target / name).is_file()
-        assert json.loads((case / "out" / "ranker" / target / "bundle" / "manifest.json").read_text())["precision"] == target
+        manifest = json.loads((case / "out" / "ranker" / target / "bundle" / "manifest.json").read_text())
+        assert manifest["precision"] == target
     assert json.loads((case / "out" / "summary.json").read_text())["targets"] == summary["targets"]
     html = (case / "out" / "report.html").read_text()
     assert summary["html_report"] == str(case / "out" / "report.html") and "ranker/int8" in html
@@ -264,9 +266,10 @@ def test_a_two_tower_model_is_exported_per_tower_and_calibrated_from_each_towers
     """)
     summary = run_pipeline(load_pipeline(tmp_path / "pipeline.toml"), tmp_path / "out")
     assert summary["passed"], summary["targets"][0]["failed_gates"]
-    assert sorted(p.name for p in (tmp_path / "out" / "two_tower" / "export").glob("*.onnx")) == ["item.onnx", "query.onnx"]
-    assert sorted(p.name for p in (tmp_path / "out" / "two_tower" / "calib").iterdir()) == ["item_calib.npz", "query_calib.npz"]
-    manifest = json.loads((tmp_path / "out" / "two_tower" / "int8" / "bundle" / "manifest.json").read_text())
+    model = tmp_path / "out" / "two_tower"
+    assert sorted(p.name for p in (model / "export").glob("*.onnx")) == ["item.onnx", "query.onnx"]
+    assert sorted(p.name for p in (model / "calib").iterdir()) == ["item_calib.npz", "query_calib.npz"]
+    manifest = json.loads((model / "int8" / "bundle" / "manifest.json").read_text())
     assert sorted(manifest["towers"]) == ["item", "query"] and manifest["precision"] == "int8"
     assert sorted(summary["targets"][0]["latency"]) == ["item", "query"]
 
@@ -294,6 +297,20 @@ def test_the_built_in_example_runs_both_example_models_on_three_ort_targets():
     for model in pipeline.models:
         assert [(t.backend, t.precision) for t in model.targets] == [("ort", "fp32"), ("ort", "fp16"), ("ort", "int8")]
         assert max(model.verify.batch_sizes) == 512 and model.verify.iterations <= 50
+
+
+def test_the_table_shows_a_target_whose_export_failed_and_numbers_json_could_not_hold(cold):
+    from rich.console import Console
+
+    from toolkit.runsummary import print_summary
+
+    summary = json.loads(json.dumps(cold[1]))
+    summary["targets"][0]["latency"]["ranker"]["speedup"] = None  # an infinite speedup, as to_json writes it
+    summary["targets"][1].update(passed=False, error="export validation failed: ONNX output differs from torch")
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    text = console.export_text()
+    assert "n/ax" in text and "not built" in text and "FAILED 1 of 2 target(s)" in text
 
 
 def test_run_help_describes_the_pipeline_and_exit_codes():
