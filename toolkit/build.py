@@ -281,7 +281,6 @@ def build_bundle(
     )
     portable: dict[str, bool] = {}
     with atomic_dir(out, force=force) as tmp:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a bundle is shared like any output folder
         if backend == "tensorrt":
             cache = _prepare_timing_cache(tmp, out, timing_cache, trt_options, manifest)
         for tower, source in towers.items():
@@ -325,12 +324,6 @@ def _check_kept_nodes(lower: Lowering, manifest: Manifest) -> None:
     missing = [n for n in lower.keep_fp32 if n not in kept]
     if missing:
         raise DcncError(f"--keep-fp32 {missing[0]!r}: no tower graph has a node of that name")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _check_ort_session(tmp: Path, entry: TowerEntry, tower: str, backend: str, options, save_optimized: bool, portable: dict) -> None:

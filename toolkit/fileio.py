@@ -23,6 +23,12 @@ def _check_parent(path: Path) -> None:
         raise DcncError(f"{path}: folder {parent} is not writable")
 
 
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path; on success it replaces `path`, on any error it is removed."""
@@ -33,6 +39,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # mkstemp makes it private; an output is shared like any file the user writes
+            tmp_path.chmod(0o666 & ~umask())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -46,6 +54,7 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         raise DcncError(f"{path}: already exists (pass --force to replace it)")
     _check_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private
     try:
         yield tmp
         if path.exists():
