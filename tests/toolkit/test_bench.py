@@ -289,6 +289,24 @@ def test_cli_refuses_a_bundle_that_fails_its_checks(report, tmp_path):
     _one_line_error(_cli(report["model"], "--runners", "eager", "--bundle", str(bundle)), "tampered", "hash")
 
 
+def test_cli_refuses_a_bundle_without_the_models_towers(report, tmp_path):
+    from toolkit.build import build_bundle
+
+    other = tmp_path / "other.onnx"  # the same graph as a tower named "other"
+    other.write_bytes(Path(report["towers"]["ranker"]["onnx"]).read_bytes())
+    build_bundle(other, tmp_path / "other_bundle")
+    _one_line_error(_cli(report["model"], "--runners", "eager", "--bundle", str(tmp_path / "other_bundle")), "other", "ranker")
+
+
+def test_cli_refuses_an_unknown_tower(checkpoint):
+    _one_line_error(_cli(str(checkpoint), "--runners", "eager", "--tower", "query"), "query")
+
+
+@pytest.mark.parametrize("option", [("--iterations", "0"), ("--warmup", "-1"), ("--threads", "0")])
+def test_cli_refuses_counts_out_of_range(checkpoint, option):
+    _one_line_error(_cli(str(checkpoint), "--runners", "eager", *option), option[0])
+
+
 def test_cli_refuses_cuda_without_a_gpu(checkpoint):
     import torch
 
