@@ -291,6 +291,16 @@ def test_int8_without_calibration_data_exits_2_before_exporting(case):
     assert not (case / "out" / "ranker" / "export").exists()
 
 
+def test_a_model_without_evaluation_data_needs_verify_data(case):
+    checkpoint = torch.load(case / "ranker.pt", weights_only=True)
+    checkpoint["extra"].pop("eval_data")
+    torch.save(checkpoint, case / "ranker.pt")
+    result = CliRunner().invoke(app, ["run", str(case / "pipeline.toml"), "--out", str(case / "new")])
+    assert result.exit_code == 2 and "names no evaluation data; set verify.data" in result.stderr
+    (case / "pipeline.toml").write_text(PIPELINE.replace("[verify]", '[verify]\ndata = "eval.npz"'))
+    assert load_pipeline(case / "pipeline.toml").models[0].verify.data == case / "eval.npz"  # relative to the file
+
+
 def test_the_built_in_example_runs_both_example_models_on_three_ort_targets():
     pipeline = load_pipeline()
     assert [m.example for m in pipeline.models] == ["two_tower", "ranker"]
