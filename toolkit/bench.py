@@ -11,6 +11,7 @@ large MatMul in the runner's runtime, in FP32 and in the runner's precision (too
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -138,7 +139,16 @@ def measure_tower(
 
 # --- the benchmark ----------------------------------------------------------------------------------------------
 def run_bench(model: str, options: BenchOptions | None = None, progress: bool = True) -> dict[str, Any]:
-    """Benchmark MODEL (anything toolkit.loading.load_model takes) and return the dcnc.bench/1 report as a dict."""
+    """Benchmark MODEL (anything toolkit.loading.load_model takes) and return the dcnc.bench/1 report as a dict.
+
+    The report: schema, model, device, timer, reference ("eager"), options, runners (names in order), machine,
+    versions, seconds, load_average_before / _after (1, 5, 15 min); `peaks` {"runtime:device:precision": Peak
+    fields + gflops_before / gflops_after, or {skipped}};
+    `towers` {tower: {onnx, flops_per_sample, flops_by_branch, parameters, runners: {name: {status ("ok" or
+    "skipped"), reason, runtime, precision, setup_s, source, peak {fp32, precision keys}, batches {"B":
+    p50_ms, p90_ms, p99_ms, mean_ms, throughput (batch / mean), throughput_p50, iterations, speedup, gflops,
+    pct_peak, pct_peak_fp32 — or {skipped: reason}}}}}}; `skipped` [{tower, runner, batch or null, reason}].
+    """
     import torch
 
     from toolkit.backends.ort.loader import usable_cores
@@ -176,6 +186,7 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
         "skipped": [],
     }
     start = time.perf_counter()
+    report["load_average_before"] = _load_average()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -193,9 +204,18 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
         torch.set_num_threads(previous_threads)
     _read_against(report)
     report["seconds"] = time.perf_counter() - start
+    report["load_average_after"] = _load_average()
     report["machine"] = machine_info(options.device)
     report["versions"] = {"dcnc": __version__, **report["machine"]["versions"]}
     return report
+
+
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages: how busy a shared machine was around the numbers."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not Unix
+        return None
 
 
 def _bench_tower(name, tower, kinds, bundles, workspace, options, batch_sizes, timer, bar) -> dict[str, Any]:
@@ -383,6 +403,8 @@ def bench_tables(report: dict[str, Any]) -> list:
     peaks = "; ".join(
         f"{k} {v['gflops']:.0f}" if "gflops" in v else f"{k} not measured ({v['skipped']})" for k, v in report["peaks"].items()
     )
+    before, after = report.get("load_average_before"), report.get("load_average_after")
+    load = f"load average (1 min) {before[0]} before, {after[0]} after" if before and after else ""
     tables = []
     for tower_name, tower in report["towers"].items():
         flops = f"{tower['flops_per_sample']:,} FLOPs/sample" if tower["flops_per_sample"] else "FLOPs unknown"
@@ -391,7 +413,8 @@ def bench_tables(report: dict[str, Any]) -> list:
         table = Table(
             title=f"{tower_name}: {report['model']} on {report['device']}, {report['options']['threads']} threads, {flops}",
             title_justify="left", caption_justify="left",
-            caption="\n".join([f"MatMul peaks, GFLOP/s (GOP/s for int8): {peaks or 'none'}"] + [f"skipped {r}" for r in reasons]),
+            caption="\n".join([f"MatMul peaks, GFLOP/s (GOP/s for int8): {peaks or 'none'}", load]
+                               + [f"skipped {r}" for r in reasons]),
         )  # fmt: skip
         for column in ("runner", "batch", "p50 ms", "samples/s", f"x {REFERENCE}", "GFLOP/s", "% peak"):  # at p50
             if column == "runner":  # names of --bundle runners can be long: they wrap, the numbers do not

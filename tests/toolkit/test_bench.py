@@ -208,7 +208,8 @@ def test_a_batch_a_runner_refuses_is_skipped_while_the_others_are_timed():
 def test_torch_matmul_peak_is_a_positive_gflops():
     peak = torch_matmul_peak("fp32", "cpu", n=256, repeats=3)
     assert peak.gflops > 0 and math.isfinite(peak.gflops)
-    assert peak.gflops == pytest.approx(2 * 256**3 / (peak.median_ms / 1e3) / 1e9)
+    assert peak.gflops == pytest.approx(2 * 256**3 / (peak.best_ms / 1e3) / 1e9)
+    assert peak.gflops >= peak.gflops_median
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
