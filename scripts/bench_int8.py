@@ -78,7 +78,8 @@ def _graph(nodes, inputs, outputs, initializers):
     from onnx import helper
 
     graph = helper.make_graph(nodes, "bench", inputs, outputs, initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 def _time_pair(fp32, int8, iterations: int) -> tuple[float, float]:
@@ -132,10 +133,10 @@ def gemm_shape_times(shapes: list[tuple[int, int]], batch: int, iterations: int 
 
     rng = np.random.default_rng(0)
     fp32_ms = int8_ms = 0.0
-    for k, n in shapes:
-        def const(value, name):
-            return numpy_helper.from_array(np.asarray(value), name)
+    def const(value, name):
+        return numpy_helper.from_array(np.asarray(value), name)
 
+    for k, n in shapes:
         fp32 = _graph([helper.make_node("Gemm", ["a", "w", "b"], ["y"], transB=1)],
                       [helper.make_tensor_value_info("a", TensorProto.FLOAT, [batch, k])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n])],
@@ -292,7 +293,8 @@ def bench(args: argparse.Namespace, work: Path) -> None:
             line.append(f"{tower} fp32 {np.median(f):.2f} ms {name} {np.median(q):.2f} ms speedup"
                         f" {np.median(f / q):.2f}x ({' '.join(f'{x:.2f}' for x in f / q)};"
                         f" fastest {fastest['fp32'][tower]:.2f} / {fastest[name][tower]:.2f} ms)")
-        both = (np.array(times["fp32"]["query"]) + times["fp32"]["item"]) / (np.array(times[name]["query"]) + times[name]["item"])
+        fp32_both = np.add(times["fp32"]["query"], times["fp32"]["item"])
+        both = fp32_both / np.add(times[name]["query"], times[name]["item"])
         line.append(f"two towers {np.median(both):.2f}x")
         print("; ".join(line))
 
