@@ -413,7 +413,7 @@ def bench_tables(report: dict[str, Any]) -> list:
         table = Table(
             title=f"{tower_name}: {report['model']} on {report['device']}, {report['options']['threads']} threads, {flops}",
             title_justify="left", caption_justify="left",
-            caption="\n".join([f"MatMul peaks, GFLOP/s (GOP/s for int8): {peaks or 'none'}", load]
+            caption="\n".join([f"MatMul peaks, GFLOP/s (GOP/s for int8): {peaks or 'none'}"] + [load] * bool(load)
                                + [f"skipped {r}" for r in reasons]),
         )  # fmt: skip
         for column in ("runner", "batch", "p50 ms", "samples/s", f"x {REFERENCE}", "GFLOP/s", "% peak"):  # at p50
