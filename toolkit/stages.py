@@ -3,7 +3,7 @@ while its stamp (toolkit.stamps) says it is current; returns the run summary (sc
 
 Output folder, per model:
 
-    <out>/example/                         the trained example checkpoints (toolkit.train.ensure_examples)
+    <out>/<model>/train/                   an example model's checkpoint, eval and calibration files
     <out>/<model>/export/  export.stamp.json      one <tower>.onnx per tower
     <out>/<model>/calib/                   the model's per-tower calibration files, when it has several
     <out>/<model>/<target>/bundle/  build.stamp.json
@@ -59,16 +59,17 @@ def _timed(say: Say, label: str, stage: Stage, force: bool, work: Callable[[], N
 
 
 # --- model source -----------------------------------------------------------------------------------------------
-def _source(job: ModelJob, out: Path, quiet: bool, say: Say) -> tuple[str, str]:
-    """The checkpoint / .pt2 / factory to load, and the train outcome ("trained", "current" or "none")."""
+def _source(job: ModelJob, folder: Path, quiet: bool, say: Say) -> tuple[str, str]:
+    """The checkpoint / .pt2 / factory to load, and the train outcome ("trained", "current" or "none").
+    An example is trained into <model>/train/ (toolkit.train.ensure_examples keeps it while its key matches)."""
     if job.example is None:
         return job.source, "none"
     from toolkit.train import ensure_examples
 
     family = EXAMPLE_MODELS[job.example]
-    say(f"{job.name} train: checking {out / 'example'}")
+    say(f"{job.name} train: checking {folder / 'train'}")
     started = time.perf_counter()
-    result = ensure_examples(out / "example", job.dataset, None, (family,), job.epochs, job.seed, quiet)[family]
+    result = ensure_examples(folder / "train", job.dataset, None, (family,), job.epochs, job.seed, quiet)[family]
     if result["trained"]:
         say(f"{job.name} train: done in {time.perf_counter() - started:.1f} s")
         return result["checkpoint"], "trained"
@@ -209,7 +210,7 @@ def _run_model(job: ModelJob, out: Path, force: bool, quiet: bool, say: Say, whe
     from toolkit.loading import load_model
 
     folder = out / job.name
-    source, trained = _source(job, out, quiet, say)
+    source, trained = _source(job, folder, quiet, say)
     loaded = load_model(source)
     data = job.verify.data or loaded.eval_data
     if data is None:
