@@ -320,7 +320,7 @@ def train(
 
 
 # --- dcnc run -------------------------------------------------------------------------------------------------
-RUN_EPILOG = """Without PIPELINE.toml: the built-in example (toolkit/examples/pipeline.toml): the example two-tower and ranker, trained on synthetic data into OUT/example/ when missing, each built for ONNX Runtime CPU in fp32, fp16 and int8 and verified. Copy that file to write your own (the keys are described in toolkit/pipeline.py).
+RUN_EPILOG = """Without PIPELINE.toml: the built-in example (toolkit/examples/pipeline.toml): the example two-tower and ranker, trained on synthetic data into OUT/<model>/train/ when missing, each built for ONNX Runtime CPU in fp32, fp16 and int8 and verified. Copy that file to write your own (the keys are described in toolkit/pipeline.py).
 
 Stages whose inputs hash as before and whose outputs are intact are skipped ("current"): changing one target rebuilds only it, a changed checkpoint redoes everything after it; --force redoes all.
 
