@@ -57,9 +57,8 @@ def main(
 
 
 # --- dcnc export ----------------------------------------------------------------------------------------------
-# The pass names for --help, spelled out so `dcnc --help` does not import onnx (tests pin them to the manager's).
+# The default passes for --help, spelled out so `dcnc --help` does not import onnx (tests pin them to the manager's).
 EXPORT_DEFAULT_PASSES = ("cleanup", "fold", "canonicalize")
-EXPORT_PASS_NAMES = ("cleanup", "fold", "canonicalize", "fuse_entry")
 EXPORT_EPILOG = """MODEL forms, with examples:
 
 A dcnc checkpoint (spec + weights; its towers and inputs come with it): `dcnc export runs/example/ranker.pt -o ranker.onnx`; a two-tower model writes a directory: `dcnc export runs/example/two_tower.pt -o towers/` (towers/query.onnx, towers/item.onnx).
@@ -77,7 +76,7 @@ def export(
     model: str = typer.Argument(..., help="A dcnc checkpoint .pt, a torch.export program .pt2, or package.module:factory (see the examples below)."),
     out: str = typer.Option(..., "-o", "--out", help="One tower: the .onnx file to write. Several towers: a directory, one <tower>.onnx each."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset, 18 (the exporter's own) up to the newest its converter knows; others are refused."),
-    inputs: list[str] = typer.Option(None, "--input", help="Factory models: one input NAME:DTYPE:SHAPE[:HIGH] in forward order, B the batch, e.g. x:float32:B,512 or ids:int64:B:1000 (ids below 1000). Repeat per input. Default: the module's input_specs."),
+    inputs: list[str] = typer.Option(None, "--input", help="Factory models: one input NAME:DTYPE:SHAPE in forward order, B the batch, e.g. x:float32:B,512; integer ids may add :HIGH, e.g. ids:int64:B:1000 (ids below 1000). Repeat per input. Default: the module's input_specs."),
     weights: str = typer.Option(None, "--weights", help="Factory models: a state_dict file loaded strictly (torch.load weights_only=True)."),
     towers: list[str] = typer.Option(None, "--tower", help="Export only this tower (repeatable). Default: every tower."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Run each file in ONNX Runtime beside torch at batch 1 and --validate-batch, on random inputs and on the checkpoint's evaluation rows where it names some."),
@@ -85,7 +84,7 @@ def export(
     rtol: float = typer.Option(1e-5, "--rtol", help="Relative tolerance per element: pass when |onnx - torch| <= atol + rtol x |torch| (and cosine >= 0.99999 per output)."),
     validate_batch: int = typer.Option(4096, "--validate-batch", help="The large batch validated beside batch 1."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    passes: str = typer.Option("default", "--passes", help=f"Graph passes run on each tower before it is saved and validated: default ({','.join(EXPORT_DEFAULT_PASSES)}), gpu (default + fuse_entry), none (the exporter's own graph), or pass names separated by commas ({', '.join(EXPORT_PASS_NAMES)}). What each pass did is kept in the file's metadata (dcnc.passes)."),
+    passes: str = typer.Option("default", "--passes", help=f"Graph passes run on each tower before it is saved and validated: default = {', '.join(EXPORT_DEFAULT_PASSES)}; gpu = default + fuse_entry; none = the exporter's own graph; or pass names separated by commas, run in that order. What each pass did (node counts, changes) is kept in the file's metadata, dcnc.passes."),
 ) -> None:
     """Export a trained model's towers to ONNX (dynamic batch, deterministic, with dcnc metadata) and validate them against PyTorch."""
     from rich.table import Table

@@ -291,7 +291,10 @@ def exporter_reason(err: BaseException) -> str:
     op = next((m.group(1) for t in texts if (m := re.search(r"target=torch\.ops\.([\w.]+)", t))), None)
     inner = next((t.strip().splitlines()[0] for t in reversed(texts) if t.strip()), type(chain[-1]).__name__)
     reason = f"{op}: {inner}" if op else inner
-    return reason if len(reason) <= 300 else reason[:297] + "..."
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."
+    if any("data-dependent" in t for t in texts):  # torch's wording names symbols (u0), not the user's code
+        reason += " (forward branches on a tensor's values, e.g. `if x.sum() > 0`; a graph cannot hold that)"
+    return reason
 
 
 # ---- helpers

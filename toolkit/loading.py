@@ -111,6 +111,8 @@ def load_model(ref: str, inputs: list[str] | None = None, weights: str | None = 
         return _load_dcnc_checkpoint(path)
     if ":" in ref and not path.exists():
         return _load_factory(ref, inputs or [], weights)
+    if path.is_dir():
+        raise DcncError(f"{ref}: is a directory (MODEL is a checkpoint .pt, a torch.export program .pt2, or package.module:factory)")
     raise DcncError(f"{ref}: not found (MODEL is a checkpoint .pt, a torch.export program .pt2, or package.module:factory)")
 
 
@@ -268,7 +270,13 @@ def _load_program(path: Path) -> LoadedModel:
     specs, dim_sizes, batch_range = _program_inputs(program, path)
     outputs = [f"output_{i}" for i in range(len(program.graph_signature.user_outputs))]
     tower = LoadedTower(path.stem, program.module(), specs, outputs, program, dim_sizes, batch_range)
-    return LoadedModel({tower.name: tower}, None, str(path), file_sha256(path), "pt2")
+    loaded = LoadedModel({tower.name: tower}, None, str(path), file_sha256(path), "pt2")
+    if not tower.has_batch:
+        loaded.notes.append(
+            f"{path}: the program was exported without a dynamic batch dimension, so its ONNX has fixed shapes"
+            " (export it with dynamic_shapes, e.g. {0: torch.export.Dim('batch')}, to keep one)"
+        )
+    return loaded
 
 
 def _program_inputs(

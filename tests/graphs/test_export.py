@@ -304,10 +304,25 @@ class Cumulative(torch.nn.Module):
         return torch.cummax(x, dim=1).values
 
 
-def test_a_tower_the_exporter_cannot_handle_leaves_nothing_written(tmp_path):
-    tower = LoadedTower("running_max", Cumulative(), [TensorSpec("x", "float32", ("B", 4))], ["y"])
-    loaded = LoadedModel({tower.name: tower}, None, "tests:Cumulative", "", "factory")
-    with pytest.raises(DcncError, match="cannot export tower running_max: aten.cummax.default: No ONNX function"):
+class SignDependent(torch.nn.Module):
+    """Python control flow on a tensor's value: no graph holds it."""
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+@pytest.mark.parametrize(
+    "module, message",
+    [
+        (Cumulative(), "cannot export tower user: aten.cummax.default: No ONNX function"),
+        (SignDependent(), "cannot export tower user: .*data-dependent.*forward branches on a tensor's values"),
+    ],
+    ids=["no-onnx-translation", "data-dependent-branch"],
+)
+def test_a_tower_the_exporter_cannot_handle_is_refused_leaving_nothing_written(tmp_path, module, message):
+    tower = LoadedTower("user", module, [TensorSpec("x", "float32", ("B", 4))], ["y"])
+    loaded = LoadedModel({tower.name: tower}, None, "tests:user", "", "factory")
+    with pytest.raises(DcncError, match=message):
         export_model(loaded, tmp_path / "sub" / "r.onnx")
     assert listing(tmp_path) == []
 

@@ -118,6 +118,11 @@ def test_a_path_that_is_neither_file_nor_import_path_is_refused(tmp_path):
         load_model(str(tmp_path / "absent.onnx"))
 
 
+def test_a_directory_is_refused_as_a_model(tmp_path):
+    with pytest.raises(DcncError, match="is a directory"):
+        load_model(str(tmp_path))
+
+
 def test_corrupt_checkpoint_is_refused(tmp_path):
     path = tmp_path / "corrupt.pt"
     path.write_bytes(b"PK\x03\x04 this is not a zip archive")
@@ -272,3 +277,11 @@ def test_corrupt_program_is_refused(tmp_path):
     path.write_bytes(b"not a program")
     with pytest.raises(DcncError, match="broken.pt2: not a readable torch.export program"):
         load_model(str(path))
+
+
+def test_program_without_a_dynamic_batch_is_loaded_with_a_note(tmp_path):
+    program = torch.export.export(SequenceScorer().eval(), (torch.randn(3, 4), torch.randn(3, 5, 4)))
+    torch.export.save(program, tmp_path / "static.pt2")
+    loaded = load_model(str(tmp_path / "static.pt2"))
+    assert loaded.towers["static"].input_specs[1].shape == (3, 5, 4)
+    assert len(loaded.notes) == 1 and "without a dynamic batch dimension" in loaded.notes[0]
