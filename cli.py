@@ -323,7 +323,7 @@ RUN_EPILOG = """Without PIPELINE.toml: the built-in example (toolkit/examples/pi
 
 Stages whose inputs hash as before and whose outputs are intact are skipped ("current"): changing one target rebuilds only it, a changed checkpoint redoes everything after it; --force redoes all.
 
-Writes OUT/<model>/<target>/{bundle/, report.json, report.md, junit.xml}, OUT/summary.json (schema dcnc.run/1) and OUT/report.html where the HTML report is available.
+Writes OUT/<model>/<target>/{bundle/, report.json, report.md, junit.xml}, OUT/summary.json (schema dcnc.run/1) and OUT/report.html (every target on one page).
 
 Exit codes: 0 every gate passed; 1 a gate failed (after every target ran); 2 bad pipeline file or input."""
 

@@ -255,7 +255,7 @@ def _failed_target(job: ModelJob, target: Target, error: str) -> dict[str, Any]:
 def run_pipeline(pipeline: Pipeline, out: str | Path, force: bool = False, quiet: bool = False,
                  say: Say | None = None) -> dict[str, Any]:
     """Run every stage of every model of `pipeline` into the folder `out`; the summary (also written to
-    <out>/summary.json, and every target's report to <out>/report.html where toolkit.htmlreport exists).
+    <out>/summary.json, and every target's report to <out>/report.html).
 
     force: redo every stage, current or not. quiet: no training progress bars. say: progress lines (stages
     started, done, current, each target's verdict). Raises DcncError for bad input before or during a stage
@@ -289,13 +289,9 @@ def run_pipeline(pipeline: Pipeline, out: str | Path, force: bool = False, quiet
     return summary
 
 
-def _write_html(reports: dict[str, dict], path: Path, title: str) -> str | None:
-    """<out>/report.html from toolkit.htmlreport when that module is installed; its path, else None."""
-    try:
-        from toolkit.htmlreport import write_html
-    except ModuleNotFoundError as err:
-        if err.name != "toolkit.htmlreport":
-            raise
-        return None
+def _write_html(reports: dict[str, dict], path: Path, title: str) -> str:
+    """<out>/report.html: every target's verify report on one page; its path."""
+    from toolkit.htmlreport import write_html
+
     write_html(reports, path, title)
     return str(path)
