@@ -111,9 +111,8 @@ def load_model(ref: str, inputs: list[str] | None = None, weights: str | None = 
         return _load_dcnc_checkpoint(path)
     if ":" in ref and not path.exists():
         return _load_factory(ref, inputs or [], weights)
-    if path.is_dir():
-        raise DcncError(f"{ref}: is a directory (MODEL is a checkpoint .pt, a torch.export program .pt2, or package.module:factory)")
-    raise DcncError(f"{ref}: not found (MODEL is a checkpoint .pt, a torch.export program .pt2, or package.module:factory)")
+    forms = "MODEL is a checkpoint .pt, a torch.export program .pt2, or package.module:factory"
+    raise DcncError(f"{ref}: {'is a directory' if path.is_dir() else 'not found'} ({forms})")
 
 
 def _only_for_factories(ref: str, inputs: list[str] | None, weights: str | None) -> None:

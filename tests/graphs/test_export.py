@@ -187,6 +187,14 @@ def test_validation_covers_batch_1_the_large_batch_and_the_checkpoint_rows(ranke
     assert all(c.passed for c in checks)
 
 
+def test_tolerances_of_zero_fail_what_the_default_tolerance_passes(ranker):
+    # ORT and torch sum in different orders: exact equality does not hold on every element of a large batch
+    _, path, loaded = ranker
+    exact = validate_tower(loaded.towers["ranker"], path, (1, 4096), tolerance=Tolerance(atol=0.0, rtol=0.0))
+    default = validate_tower(loaded.towers["ranker"], path, (1, 4096))
+    assert not all(c.passed for c in exact) and all(c.passed for c in default)
+
+
 # ---- graph passes: which ran, and that validation reads the file they produced
 
 
@@ -255,14 +263,6 @@ def test_unknown_pass_is_refused_before_anything_is_written(ranker, tmp_path):
 
 
 # ---- outputs, opsets, refusals
-
-
-def test_several_towers_go_to_one_file_each_in_a_directory(tmp_path):
-    loaded = load_model(str(zoo_checkpoint(tmp_path, "retrieval", "low_rank", "cross_only")))
-    results = export_model(loaded, tmp_path / "towers", validate=False, passes="none")
-    assert [r.path for r in results] == [tmp_path / "towers" / "query.onnx", tmp_path / "towers" / "item.onnx"]
-    assert [props(r.path)["dcnc.tower"] for r in results] == ["query", "item"]
-    assert [i.name for i in onnx.load(str(results[1].path)).graph.input][0] == "item_id_a"
 
 
 def test_selected_opset_is_the_file_opset(tmp_path):

@@ -112,6 +112,8 @@ def test_two_tower_checkpoint_exports_query_and_item_into_a_directory(two_tower_
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in folder.iterdir()) == ["item.onnx", "query.onnx"]
     assert [props(folder / f"{t}.onnx")["dcnc.tower"] for t in ("query", "item")] == ["query", "item"]
+    item_inputs = [i.name for i in onnx.load(str(folder / "item.onnx")).graph.input]
+    assert item_inputs == ["item_id_a", "item_id_b", "item_dense"]
 
 
 def test_export_prints_each_towers_node_counts_per_pass(two_tower_export):
@@ -196,14 +198,6 @@ def test_no_validate_exports_without_comparing(user_code, tmp_path):
     assert "not validated" in result.stdout and (tmp_path / "drift.onnx").is_file()
 
 
-def test_tolerances_of_zero_fail_what_default_tolerances_pass(two_tower_export, tmp_path):
-    # ORT and torch sum in different orders: exact equality does not hold on every element of a 4096 batch
-    _, checkpoint, _ = two_tower_export
-    result = dcnc_export(checkpoint, "-o", tmp_path / "q.onnx", "--tower", "query", "--atol", 0, "--rtol", 0)
-    assert result.exit_code == 1, result.output
-    assert "FAIL" in result.stdout and (tmp_path / "q.onnx").is_file()
-
-
 # ---- bad input: exit 2, one line, nothing written
 
 
@@ -286,7 +280,8 @@ def test_help_documents_every_option_and_the_default_passes():
     assert result.exit_code == 0
     command = typer.main.get_command(cli.app).commands["export"]
     options = [o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")]
-    assert {"-o", "--opset", "--input", "--weights", "--tower", "--no-validate", "--atol", "--rtol", "--passes"} <= set(options)
+    named = {"-o", "--opset", "--input", "--weights", "--tower", "--no-validate", "--atol", "--rtol", "--passes"}
+    assert named <= set(options)
     assert [o for o in options if o not in result.stdout] == []
     text = " ".join(result.stdout.replace("│", " ").split())
     assert f"default = {', '.join(DEFAULT_PASSES)}" in text

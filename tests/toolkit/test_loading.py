@@ -227,7 +227,9 @@ def test_inputs_that_do_not_fit_the_forward_are_refused(user_package):
 def test_weights_for_another_model_are_refused(user_package, tmp_path):
     torch.save({"linear.weight": torch.zeros(2, 7)}, tmp_path / "weights.pt")
     with pytest.raises(DcncError, match="weights do not match"):
-        load_model(f"{user_package}.towers:make_scorer", ["dense:float32:B,4", "ids:int64:B:10"], str(tmp_path / "weights.pt"))
+        load_model(
+            f"{user_package}.towers:make_scorer", ["dense:float32:B,4", "ids:int64:B:10"], str(tmp_path / "weights.pt")
+        )
 
 
 # ---- torch.export programs
