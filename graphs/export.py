@@ -9,7 +9,6 @@ files are kept for inspection (as trtexec and polygraphy keep theirs) and Parity
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import io
 import json
@@ -29,7 +28,7 @@ import torch
 from graphs.validate import DEFAULT_LARGE_BATCH, OutputParity, ParityFailed, Tolerance, read_real_rows, validate_tower
 from toolkit import __version__
 from toolkit.errors import DcncError
-from toolkit.fileio import atomic_dir, atomic_path
+from toolkit.fileio import atomic_dir, atomic_path, sha256_file
 from toolkit.loading import BATCH, LoadedModel, LoadedTower
 from toolkit.signature import TensorSpec
 
@@ -167,7 +166,7 @@ def export_tower(
         model.metadata_props.add(key=key, value=props[key])
     _save(model, path)
     return ExportResult(
-        tower.name, path, path.stat().st_size, _sha256(path), tower.input_specs, tower.output_names, opset,
+        tower.name, path, path.stat().st_size, sha256_file(path), tower.input_specs, tower.output_names, opset,
         passes=records,
     )
 
@@ -400,14 +399,6 @@ def _readable(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_output(out: Path, several: bool, force: bool) -> None:

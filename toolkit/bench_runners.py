@@ -229,7 +229,8 @@ class Workspace:
     def bundle(self, tower: str, kind: RunnerKind) -> Path:
         """A bundle of `tower` for `kind`'s backend and precision, built (or reused) under the cache."""
         from toolkit.build import build_bundle, source_sha256
-        from toolkit.bundle import check_bundle, sha256_tree
+        from toolkit.bundle import check_bundle
+        from toolkit.fileio import sha256_tree
 
         onnx_path = self.onnx(tower)
         calib = self.calibration(tower) if kind.precision in ("int8", "fp16", "bf16") else None

@@ -19,12 +19,10 @@ from toolkit.bundle import (
     TowerEntry,
     device_identity,
     installed_versions,
-    sha256_file,
-    sha256_tree,
     write_manifest,
 )
 from toolkit.errors import DcncError
-from toolkit.fileio import atomic_dir
+from toolkit.fileio import atomic_dir, sha256_file, sha256_tree
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEFAULT_BATCH = (1, 256, 4096)

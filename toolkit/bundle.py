@@ -8,7 +8,6 @@ its files, the installed runtime or the device (rebuild with `dcnc build --force
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from toolkit import __version__
 from toolkit.errors import DcncError
+from toolkit.fileio import sha256_file
 
 SCHEMA = "dcnc.bundle/1"
 MANIFEST = "manifest.json"
@@ -81,24 +81,6 @@ class Manifest:
 
 
 # --- what the bundle was built with -------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_tree(path: Path) -> str:
-    """Hash of a file, or of a directory's files (relative names and contents, in sorted order)."""
-    if path.is_file():
-        return sha256_file(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode() + b"\0" + sha256_file(file).encode())
-    return digest.hexdigest()
-
-
 def cpu_identity() -> dict:
     """The CPU an ORT-optimised graph is tied to: model name and the ISA extensions its kernels depend on."""
     from toolkit.backends.ort.loader import usable_cores

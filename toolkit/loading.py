@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import DcncError
+from toolkit.fileio import sha256_file
 from toolkit.signature import TensorSpec, random_inputs
 from toolkit.spec import ModelSpec
 
@@ -124,13 +125,7 @@ def _only_for_factories(ref: str, inputs: list[str] | None, weights: str | None)
 
 def file_sha256(*paths: Path) -> str:
     """sha256 of one file, or of the files' own hashes in order when there are several."""
-    digests = []
-    for path in paths:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        digests.append(digest.hexdigest())
+    digests = [sha256_file(path) for path in paths]
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
 
 

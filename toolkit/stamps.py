@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
-from toolkit.bundle import sha256_tree
 from toolkit.errors import DcncError
-from toolkit.fileio import atomic_write_text
+from toolkit.fileio import atomic_write_text, sha256_tree
 
 SCHEMA = "dcnc.stamp/1"
 

@@ -23,8 +23,8 @@ from toolkit import metrics
 from toolkit.errors import DcncError
 from toolkit.evaldata import RankingEval, RetrievalEval, load_eval
 from toolkit.gates import Thresholds, baseline_gates, evaluate_gates, load_baseline, resolve_thresholds
-from toolkit.latency import compare_latency, device_call, timer_for
 from toolkit.latency import __doc__ as latency_doc
+from toolkit.latency import compare_latency, device_call, timer_for
 from toolkit.report import Report, machine_info
 
 

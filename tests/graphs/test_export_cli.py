@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,54 +22,7 @@ import cli
 from graphs.passes.manager import DEFAULT_PASSES, GPU_PASSES, PASSES
 from toolkit.checkpoint import read_checkpoint
 
-USER_CODE = '''
-import torch
-from torch import nn
-
-
-class Scorer(nn.Module):
-    """Embeds ids, concatenates a dense vector, one Linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.table = nn.Embedding(10, 3)
-        self.linear = nn.Linear(7, 2)
-
-    def forward(self, dense, ids):
-        return self.linear(torch.cat([dense, self.table(ids)], dim=1))
-
-
-class Drifting(Scorer):
-    """Computes something else while being exported: its ONNX cannot match it."""
-
-    def forward(self, dense, ids):
-        out = super().forward(dense, ids)
-        return out + 0.1 if torch.compiler.is_exporting() else out
-
-
-class RunningMax(nn.Module):
-    """aten.cummax has no ONNX translation."""
-
-    def forward(self, dense, ids):
-        return torch.cummax(dense, dim=1).values
-
-
-def make_scorer():
-    torch.manual_seed(1)
-    return Scorer()
-
-
-def make_drifting():
-    return Drifting()
-
-
-def make_running_max():
-    return RunningMax()
-
-
-def make_broken():
-    raise RuntimeError("no GPU found")
-'''
+USER_CODE = Path(__file__).parents[1] / "usercode.py"
 SCORER_INPUTS = ["--input", "dense:float32:B,4", "--input", "ids:int64:B:10"]
 
 
@@ -89,7 +42,7 @@ def user_code(tmp_path, monkeypatch, request) -> str:
     name = "usercode_" + "".join(c if c.isalnum() else "_" for c in request.node.name)
     (tmp_path / name).mkdir()
     (tmp_path / name / "__init__.py").write_text("")
-    (tmp_path / name / "towers.py").write_text(textwrap.dedent(USER_CODE))
+    shutil.copyfile(USER_CODE, tmp_path / name / "towers.py")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the loader adds the working directory; undo that after
     return f"{name}.towers"

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from cli import app
 from toolkit.backends.torch_runner import TorchRunner
 from toolkit.build import build_bundle, parse_batch
-from toolkit.bundle import open_bundle, sha256_file
+from toolkit.bundle import open_bundle
+from toolkit.fileio import sha256_file
 from toolkit.errors import DcncError
 from toolkit.signature import random_inputs
 

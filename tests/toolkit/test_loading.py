@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import textwrap
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,35 +16,7 @@ from toolkit.errors import DcncError
 from toolkit.loading import file_sha256, load_model
 from toolkit.signature import TensorSpec
 
-FACTORY_SOURCE = '''
-import torch
-from torch import nn
-
-
-class Scorer(nn.Module):
-    """Embeds ids, concatenates a dense vector, one Linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.table = nn.Embedding(10, 3)
-        self.linear = nn.Linear(7, 2)
-
-    def forward(self, dense, ids):
-        return self.linear(torch.cat([dense, self.table(ids)], dim=1))
-
-
-def make_scorer():
-    torch.manual_seed(1)
-    return Scorer()
-
-
-def make_broken():
-    raise RuntimeError("no GPU found")
-
-
-def make_number():
-    return 3
-'''
+USER_CODE = Path(__file__).parents[1] / "usercode.py"
 
 
 @pytest.fixture
@@ -53,7 +26,7 @@ def user_package(tmp_path, monkeypatch, request):
     package = tmp_path / name
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "towers.py").write_text(textwrap.dedent(FACTORY_SOURCE))
+    shutil.copyfile(USER_CODE, package / "towers.py")
     monkeypatch.syspath_prepend(str(tmp_path))
     return name
 

@@ -94,11 +94,10 @@ def build_engine(
     Returns the inspector's summary: {"layers": [...], "aux_streams": int, "precisions": {precision: count}}.
     """
     trt = _tensorrt()
+    import torch
     from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
-
-    import torch
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     torch.cuda.set_device(options.device_id)
