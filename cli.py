@@ -162,6 +162,7 @@ def verify(
     logloss_diff: float = typer.Option(None, "--logloss-diff", help="Gate: |log loss difference|, at most."),
     min_speedup: float = typer.Option(None, "--min-speedup", help="Gate: reference p50 / candidate p50, at least (off by default)."),
     latency_tolerance: float = typer.Option(None, "--latency-tolerance", help="With --baseline: smallest regression flagged (default 0.02)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar (corpus embedding, latency sweep)."),
 ) -> None:
     """Check a bundle against its PyTorch original: parity, recall@K or AUC, and latency; exit 1 if a gate fails."""
     from toolkit import report as reports
@@ -169,7 +170,7 @@ def verify(
     from toolkit.verify import verify as run_verify
 
     options = VerifyOptions(ks=_ints(k, "--k"), batch_sizes=_ints(batch_sizes, "--batch-sizes"),
-                            iterations=iterations, warmup=warmup, latency=latency)
+                            iterations=iterations, warmup=warmup, latency=latency, progress=not quiet)
     overrides = {"cosine_min": cosine_min, "rel_l2": rel_l2, "max_abs": max_abs, "recall_ratio": recall_ratio,
                  "agreement": agreement, "auc_diff": auc_diff, "logloss_diff": logloss_diff,
                  "min_speedup": min_speedup, "latency_tolerance": latency_tolerance}

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from toolkit.bench_runners import (
 )
 from toolkit.errors import DcncError
 from toolkit.latency import Timer, summarize, time_interleaved, timer_for
+from toolkit.progress import StepBar
 
 SCHEMA = "dcnc.bench/1"
 DEFAULT_BATCH_SIZES = (1, 64, 256, 4096)
@@ -190,7 +191,7 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with _Bar(steps, enabled=progress) as bar:
+        with StepBar(steps, enabled=progress, label="bench") as bar:
             # the peaks before and after the towers: a machine shared with other jobs rarely gives its best
             # throughput at one moment, and a peak measured while it was busy would inflate every % of peak
             needed = _needed_peaks(kinds + [bundle_kind(m) for _, m in bundles], options.device)
@@ -357,39 +358,6 @@ def write_json(report: dict[str, Any], path: str | Path) -> None:
 
 
 # --- output -------------------------------------------------------------------------------------------------------
-@dataclass
-class _Bar:
-    """A rich progress bar on stderr over the benchmark's steps (a no-op when disabled)."""
-
-    total: int
-    enabled: bool = True
-    _progress: Any = field(default=None, init=False)
-    _task: Any = field(default=None, init=False)
-    _started: bool = field(default=False, init=False)
-
-    def __enter__(self) -> _Bar:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), console=Console(stderr=True), transient=True)  # fmt: skip
-            self._progress.__enter__()
-            self._task = self._progress.add_task("bench", total=self.total)
-        return self
-
-    def advance(self, description: str) -> None:
-        """Mark the previous step done and show the one starting now."""
-        if self._progress is not None:
-            self._progress.update(self._task, description=description, advance=1 if self._started else 0)
-        self._started = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=self.total)
-            self._progress.__exit__(*exc)
-
-
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 

@@ -25,6 +25,7 @@ from toolkit.evaldata import RankingEval, RetrievalEval, load_eval
 from toolkit.gates import Thresholds, baseline_gates, evaluate_gates, load_baseline, resolve_thresholds
 from toolkit.latency import __doc__ as latency_doc
 from toolkit.latency import compare_latency, device_call, timer_for
+from toolkit.progress import StepBar
 from toolkit.report import Report, machine_info
 
 
@@ -38,7 +39,8 @@ class Runner(Protocol):
 class VerifyOptions:
     """ks: the K of recall@K / agreement@K. batch_sizes: latency batch sizes (those outside the bundle's batch
     profile are skipped). eval_batch: rows per inference call over the evaluation data. item_chunk: items per
-    top-K chunk. warmup / iterations: untimed and timed rounds per batch size. latency: measure it at all."""
+    top-K chunk. warmup / iterations: untimed and timed rounds per batch size. latency: measure it at all.
+    progress: show a progress bar."""
 
     ks: tuple[int, ...] = (1, 10, 100)
     batch_sizes: tuple[int, ...] = (1, 64, 512)
@@ -47,6 +49,7 @@ class VerifyOptions:
     warmup: int = 10
     iterations: int = 50
     latency: bool = True
+    progress: bool = False  # a progress bar on stderr over corpus embedding and the latency sweep
 
 
 def _rows(feeds: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
@@ -115,8 +118,12 @@ class _Pair:
         return {f"{self.tower}/{name}": acc.result() for name, acc in self.parity.items()}
 
 
-def evaluate_retrieval(pairs: dict[str, _Pair], data: RetrievalEval, ks: tuple[int, ...], item_chunk: int) -> dict[str, Any]:
+def evaluate_retrieval(
+    pairs: dict[str, _Pair], data: RetrievalEval, ks: tuple[int, ...], item_chunk: int, bar: StepBar | None = None
+) -> dict[str, Any]:
     """Embed queries and items on both sides, exact top-K of each side, recall@K against relevance, agreement@K."""
+    bar = bar or StepBar(0, enabled=False)
+    bar.advance("embedding queries")
     query_ref, query_cand = pairs["query"].run(data.queries)
     embedding = pairs["query"].outputs[0]
     k_max = min(max(ks), data.num_items)
@@ -125,6 +132,7 @@ def evaluate_retrieval(pairs: dict[str, _Pair], data: RetrievalEval, ks: tuple[i
     search_cand = metrics.TopKSearch(query_cand[embedding], k_max)
     item_embedding = pairs["item"].outputs[0]
     for start in range(0, data.num_items, item_chunk):
+        bar.advance(f"embedding items {start:,}-{min(start + item_chunk, data.num_items):,} of {data.num_items:,}")
         item_ref, item_cand = pairs["item"].run(_rows(data.items, start, start + item_chunk))
         search_ref.add(item_ref[item_embedding])
         search_cand.add(item_cand[item_embedding])
@@ -157,9 +165,11 @@ def evaluate_ranking(pair: _Pair, data: RankingEval) -> dict[str, Any]:
 
 
 def measure_latency(
-    pairs: dict[str, _Pair], feeds: dict[str, dict[str, np.ndarray]], options: VerifyOptions, device: str
+    pairs: dict[str, _Pair], feeds: dict[str, dict[str, np.ndarray]], options: VerifyOptions, device: str,
+    bar: StepBar | None = None,
 ) -> dict[str, Any]:
     """Interleaved reference/candidate timing per tower and batch size, on rows of the evaluation data."""
+    bar = bar or StepBar(0, enabled=False)
     timer = timer_for(device)
     towers = {}
     for tower, pair in pairs.items():
@@ -172,6 +182,7 @@ def measure_latency(
             feed = {name: np.ascontiguousarray(array[take]) for name, array in feeds[tower].items()}
             calls["reference"][batch] = device_call(pair.reference, feed, device)
             calls["candidate"][batch] = device_call(pair.timed, feed, device)
+        bar.advance(f"timing {tower} at batch {', '.join(map(str, sizes))}")
         towers[tower] = compare_latency(calls["reference"], calls["candidate"], options.warmup, options.iterations, timer)
     return {
         "device": device,
@@ -211,16 +222,20 @@ def verify_runners(
         t: _Pair(t, reference[t], candidate[t], output_names[t], options.eval_batch, timed.get(t)) for t in reference
     }
     retrieval = ranking = latency = None
-    if isinstance(data, RetrievalEval):
-        retrieval = evaluate_retrieval(pairs, data, options.ks, options.item_chunk)
-        latency_feeds = {"query": data.queries, "item": data.items}
-    else:
-        (pair,) = pairs.values()
-        ranking = evaluate_ranking(pair, data)
-        latency_feeds = {pair.tower: data.feeds}
+    retrieving = isinstance(data, RetrievalEval)
+    steps = (1 + -(-data.num_items // options.item_chunk) if retrieving else 1) + (len(pairs) if options.latency else 0)
+    with StepBar(steps, enabled=options.progress, label="verify") as bar:
+        if retrieving:
+            retrieval = evaluate_retrieval(pairs, data, options.ks, options.item_chunk, bar)
+            latency_feeds = {"query": data.queries, "item": data.items}
+        else:
+            (pair,) = pairs.values()
+            bar.advance("scoring the evaluation rows")
+            ranking = evaluate_ranking(pair, data)
+            latency_feeds = {pair.tower: data.feeds}
+        if options.latency:
+            latency = measure_latency(pairs, latency_feeds, options, device, bar)
     parity = {key: stats for pair in pairs.values() for key, stats in pair.parity_report().items()}
-    if options.latency:
-        latency = measure_latency(pairs, latency_feeds, options, device)
     gates = evaluate_gates(thresholds, parity, retrieval, ranking, latency)
     if baseline is not None:
         if latency is None:

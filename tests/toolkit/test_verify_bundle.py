@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -84,6 +85,12 @@ def test_fp16_bundle_is_judged_under_half_emulation_and_timed_as_built(case, tmp
     # half rounding shows in the answers (an FP32 computation would match torch to ~1e-7)
     assert 1e-5 < report.parity["query/embedding"]["max_abs"] < 1e-2
     assert report.latency["towers"]["query"]
+
+
+def test_progress_bar_over_item_chunks_leaves_the_result_unchanged(case):
+    chunked = dataclasses.replace(FAST, latency=False, progress=True, item_chunk=64)
+    report = verify(case / "model.pt", case / "bundle", case / "eval.npz", options=chunked, branches=False)
+    assert report.retrieval["agreement"]["5"] == 1.0 and report.passed
 
 
 def test_bundle_with_perturbed_weights_fails(case):
