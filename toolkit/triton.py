@@ -249,8 +249,6 @@ def _check_repo(repo: Path, bundle: Path, models: list[TritonModel], force: bool
 def write_repository(bundle: str | Path, repo: str | Path, models: list[TritonModel], force: bool = False) -> None:
     """Write `models` (from plan_repository) into `repo`. Every model directory is staged beside its target and
     renamed into place only when all of them are complete: a failure leaves the repository as it was."""
-    from toolkit.build import _umask
-
     bundle, repo = Path(bundle), Path(repo)
     _check_repo(repo, bundle, models, force)
     created = not repo.exists()
@@ -258,7 +256,6 @@ def write_repository(bundle: str | Path, repo: str | Path, models: list[TritonMo
         with contextlib.ExitStack() as stack:
             for model in models:
                 staged = stack.enter_context(atomic_dir(repo / model.name, force=force))
-                staged.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the server may run as another user
                 (staged / "config.pbtxt").write_text(model.config)
                 (staged / VERSION).mkdir()
                 for target, source in model.files.items():
