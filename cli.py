@@ -139,6 +139,8 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 def verify(
     reference: str = typer.Argument(..., help="The PyTorch original: a checkpoint .pt, a .pt2 program or package.module:factory."),
     bundle: str = typer.Argument(..., help="The bundle directory `dcnc build` wrote."),
+    inputs: list[str] = typer.Option(None, "--input", help="Factory references: the inputs NAME:DTYPE:SHAPE[:HIGH] in forward order, as given to `dcnc export` (repeatable)."),
+    weights: str = typer.Option(None, "--weights", help="Factory references: the state_dict file given to `dcnc export --weights`."),
     data: str = typer.Option(None, "--data", help="Evaluation .npz (retrieval: query/*, item/*, relevance; ranking: inputs, label). Default: the split the checkpoint names."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda: where both sides run and are timed."),
     report: str = typer.Option(None, "--report", help="Write the JSON report (schema dcnc.verify/1) here."),
@@ -174,7 +176,7 @@ def verify(
     overrides = {"cosine_min": cosine_min, "rel_l2": rel_l2, "max_abs": max_abs, "recall_ratio": recall_ratio,
                  "agreement": agreement, "auc_diff": auc_diff, "logloss_diff": logloss_diff,
                  "min_speedup": min_speedup, "latency_tolerance": latency_tolerance}
-    result = run_verify(reference, bundle, data, device, options, gates, overrides, baseline, branches)
+    result = run_verify(reference, bundle, data, device, options, gates, overrides, baseline, branches, inputs, weights)
     for path, write in ((report, reports.write_json), (junit, reports.write_junit), (markdown, reports.write_markdown)):
         if path:
             write(result, path)

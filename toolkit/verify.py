@@ -318,8 +318,11 @@ def verify(
     overrides: dict[str, float | None] | None = None,
     baseline: str | Path | None = None,
     branches: bool = True,
+    inputs: list[str] | None = None,
+    weights: str | Path | None = None,
 ) -> Report:
-    """Verify the bundle at `bundle` against the model `reference` (anything `dcnc export` loads).
+    """Verify the bundle at `bundle` against the model `reference` (anything `dcnc export` loads; a factory with
+    its `inputs` NAME:DTYPE:SHAPE strings and `weights` state_dict, as `dcnc export` takes them).
 
     data: evaluation .npz (toolkit.evaldata formats); default: the evaluation split the reference names, if any.
     device: "cpu" or "cuda" (both sides run and are timed there). gates_file / overrides: thresholds on top of
@@ -339,12 +342,14 @@ def verify(
     if built_for != device:
         raise DcncError(f"{bundle}: built for {built_for} ({manifest.backend} backend); verify it with --device {built_for}")
     thresholds = resolve_thresholds(manifest.precision, gates_file, overrides)
-    loaded = load_model(str(reference))
+    loaded = load_model(str(reference), inputs, str(weights) if weights is not None else None)
     if data is None:
         data = getattr(loaded, "eval_data", None)
         if data is None:
             raise DcncError(f"{reference}: names no evaluation data; pass --data EVAL.npz")
     towers = loaded.towers
+    if len(towers) == 1 and len(manifest.towers) == 1:  # one tower each: the file's stem named the bundle's
+        towers = {next(iter(manifest.towers)): next(iter(towers.values()))}
     evaluation = load_eval(
         data, {t: tw.input_specs for t, tw in towers.items()}, {t: list(tw.output_names) for t, tw in towers.items()}
     )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
@@ -181,3 +183,29 @@ def test_cli_exit_2_on_bad_data_writes_nothing(case, tmp_path, problem):
 def test_cli_exit_2_on_bad_k(case):
     result = CliRunner().invoke(app, ["verify", str(case / "model.pt"), str(case / "bundle"), "--k", "0,x"])
     assert result.exit_code == 2 and "--k" in result.output
+
+
+def test_factory_reference_is_loaded_with_its_inputs_and_weights(tmp_path, monkeypatch):
+    package = tmp_path / "verifyfactory"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copyfile(Path(__file__).parents[1] / "usercode.py", package / "towers.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(4)
+    torch.save(nn.Linear(4, 1).state_dict(), tmp_path / "state.pt")
+    torch.save({f"linear.{k}": v for k, v in torch.load(tmp_path / "state.pt").items()}, tmp_path / "state.pt")
+    factory, inputs = "verifyfactory.towers:make_logit", ["--input", "dense:float32:B,4"]
+    exported = CliRunner().invoke(app, ["export", factory, *inputs, "--weights", str(tmp_path / "state.pt"),
+                                        "-o", str(tmp_path / "logit.onnx")])  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    build_bundle(tmp_path / "logit.onnx", tmp_path / "bundle", batch=(1, 16, 256))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "eval.npz", dense=rng.standard_normal((200, 4)).astype(np.float32),
+             label=rng.integers(0, 2, 200))  # fmt: skip
+    args = ["verify", factory, str(tmp_path / "bundle"), "--data", str(tmp_path / "eval.npz"), *inputs, *CLI_FAST]
+
+    with_weights = CliRunner().invoke(app, [*args, "--weights", str(tmp_path / "state.pt")])
+    without_weights = CliRunner().invoke(app, args)  # the factory's own initialisation: another model
+
+    assert with_weights.exit_code == 0, with_weights.output
+    assert without_weights.exit_code == 1 and "parity" in without_weights.output
