@@ -13,10 +13,7 @@ import inspect
 import io
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +22,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from graphs.onnxfile import check_output, save_onnx, staged
 from graphs.validate import DEFAULT_LARGE_BATCH, OutputParity, ParityFailed, Tolerance, read_real_rows, validate_tower
 from toolkit import __version__
 from toolkit.errors import DcncError
-from toolkit.fileio import atomic_dir, atomic_path, sha256_file
+from toolkit.fileio import sha256_file
 from toolkit.loading import BATCH, LoadedModel, LoadedTower
 from toolkit.signature import TensorSpec
 
@@ -40,7 +38,6 @@ if TYPE_CHECKING:
 
 BATCH_AXIS = "batch"  # the ONNX name of the dynamic batch dimension
 TORCHLIB_OPSET = 18  # the opset torch's exporter is written in; lower ones need onnx's converter, which often fails
-EXTERNAL_DATA_THRESHOLD = 2**31 - 1  # protobuf cannot serialise one message above 2 GB
 # Node metadata the exporter adds that depends on where the source lives, not on the model.
 DROPPED_NODE_METADATA = ("pkg.torch.onnx.stack_trace",)
 
@@ -118,10 +115,10 @@ def export_model(
     selected = loaded.select(towers)
     out = Path(out)
     several = len(selected) > 1
-    _check_output(out, several, force)
+    check_output(out, several, force)
     common = source_metadata(loaded)
     results: list[ExportResult] = []
-    with _staged(out, several, force) as folder:
+    with staged(out, several, force) as folder:
         for name, tower in selected.items():
             path = folder / f"{name}.onnx" if several else folder / out.name
             result = export_tower(tower, path, opset, common, passes)
@@ -164,7 +161,7 @@ def export_tower(
     del model.metadata_props[:]  # the passes' own props (with timings) would make the bytes differ run to run
     for key in sorted(props):
         model.metadata_props.add(key=key, value=props[key])
-    _save(model, path)
+    save_onnx(model, path)
     return ExportResult(
         tower.name, path, path.stat().st_size, sha256_file(path), tower.input_specs, tower.output_names, opset,
         passes=records,
@@ -370,95 +367,6 @@ def _normalise(model: onnx.ModelProto, tower: LoadedTower) -> None:
             f"cannot export tower {tower.name}: the graph has inputs {inputs} and outputs {outputs},"
             f" expected {[s.name for s in tower.input_specs]} and {tower.output_names}"
         )
-
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    """One self-contained file; above 2 GB the tensors go to `<name>.data` beside it (protobuf's limit)."""
-    import onnx
-
-    if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(model.SerializeToString(deterministic=True))
-            _readable(tmp)
-        return
-    data = path.parent / f"{path.name}.data"
-    try:
-        with atomic_path(path) as tmp:
-            onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024
-            )
-            _readable(tmp)
-            _readable(data)
-    except BaseException:
-        data.unlink(missing_ok=True)
-        raise
-
-
-def _readable(path: Path) -> None:
-    """The mode a plain open() would give (temp files are created 0600; artifacts are read by other users)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _check_output(out: Path, several: bool, force: bool) -> None:
-    """Refuse, before any work, an output that exists (without force), has the wrong form, or cannot be written."""
-    if several and out.suffix == ".onnx":
-        raise DcncError(f"-o {out}: this model has several towers; give a directory (one <tower>.onnx each)")
-    if not several and out.suffix != ".onnx":
-        raise DcncError(f"-o {out}: give the .onnx file to write (this export has one tower)")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise DcncError(f"{out}: already exists (pass --force to replace it)")
-        if not several and out.is_dir():
-            raise DcncError(f"{out}: is a directory; give the .onnx file to write")
-    ancestor = out.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise DcncError(f"{out}: cannot be created: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise DcncError(f"{out}: cannot be written: {ancestor} is not writable")
-
-
-@contextlib.contextmanager
-def _staged(out: Path, several: bool, force: bool) -> Iterator[Path]:
-    """A folder to write into; on success its content takes the place of `out` (a directory, or one file and
-    its external data), on failure it is removed with everything in it, and so are the folders made for `out`."""
-    created = _missing_folders(out.parent)
-    try:
-        if several:
-            with atomic_dir(out, force=force) as folder:
-                _readable(folder)
-                yield folder
-            return
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        except OSError as err:
-            raise DcncError(f"{out}: cannot be written ({err.strerror})") from None
-        try:
-            yield folder
-            for item in sorted(folder.iterdir(), key=lambda p: p.name == out.name):  # data file first, model last
-                os.replace(item, out.parent / item.name)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-    except BaseException:
-        for made in reversed(created):  # innermost first; one that is not empty is someone else's now
-            try:
-                made.rmdir()
-            except OSError:
-                break
-        raise
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """The folders above a path that do not exist yet, outermost first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing[::-1]
 
 
 @contextlib.contextmanager
