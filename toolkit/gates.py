@@ -141,9 +141,13 @@ def evaluate_gates(
             if getattr(t, key) is not None:
                 gates.append(Gate(f"parity.{output}.{key}", stats[key], getattr(t, key), op))
     if retrieval is not None:
+        resolution = retrieval.get("recall_ratio_resolution", {})
         for k, ratio in retrieval["recall_ratio"].items():
             if t.recall_ratio is not None:
-                gates.append(Gate(f"retrieval.recall@{k}.ratio", ratio, t.recall_ratio, ">="))
+                # Never finer than the evaluation set resolves: a ratio gate of 0.999 over 2000 queries would
+                # fail on a single hit swapped with a near-tie. Agreement@K still checks the lists item by item.
+                threshold = min(t.recall_ratio, 1.0 - resolution.get(k, 0.0))
+                gates.append(Gate(f"retrieval.recall@{k}.ratio", ratio, threshold, ">="))
         for k, agreement in retrieval["agreement"].items():
             if t.agreement is not None:
                 gates.append(Gate(f"retrieval.agreement@{k}", agreement, t.agreement, ">="))

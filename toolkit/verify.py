@@ -141,12 +141,16 @@ def evaluate_retrieval(
     recall_cand = metrics.recall_at_k(top_cand.ids, data.relevance, ks)
     ratio = {k: recall_cand[k] / recall_ref[k] if recall_ref[k] > 0 else float(recall_cand[k] == 0) for k in ks}
     agreement = metrics.agreement_at_k(top_ref.ids, top_cand.ids, ks)
+    # The smallest step of the recall ratio: one hit at a query with a single relevant item.
+    judged = len(np.unique(data.relevance[:, 0]))
+    resolution = {k: 1.0 / (judged * recall_ref[k]) if recall_ref[k] > 0 else 1.0 for k in ks}
     return {
         "queries": data.num_queries,
         "items": data.num_items,
         "relevant_pairs": int(len(data.relevance)),
         "recall": {"reference": _by_k(recall_ref), "candidate": _by_k(recall_cand)},
         "recall_ratio": _by_k(ratio),
+        "recall_ratio_resolution": _by_k(resolution),
         "agreement": _by_k(agreement),
     }
 

@@ -87,6 +87,17 @@ def test_fp16_retrieval_gates(ratio, agreement, expected):
     assert (gates["retrieval.recall@10.ratio"].passed, gates["retrieval.agreement@10"].passed) == expected
 
 
+@pytest.mark.parametrize(
+    ("resolution", "threshold", "passed"),
+    [(1 / (1995 * 0.113), 1 - 1 / (1995 * 0.113), True), (1 / (200_000 * 0.113), 0.999, False)],
+)
+def test_recall_ratio_gate_is_never_finer_than_one_query_of_the_evaluation_set(resolution, threshold, passed):
+    # 1995 queries at recall@10 0.113: one lost hit at a one-item query is a ratio of 0.9956 (the example's fp16)
+    data = {**retrieval(0.9965, 0.9995), "recall_ratio_resolution": {"10": resolution}}
+    gate = by_name(evaluate_gates(resolve_thresholds("fp16"), {}, retrieval=data))["retrieval.recall@10.ratio"]
+    assert gate.threshold == pytest.approx(threshold) and gate.passed is passed
+
+
 @pytest.mark.parametrize(("auc_diff", "passed"), [(-5e-4, True), (-2e-3, False), (2e-3, False)])
 def test_auc_gate_bounds_the_difference_either_way(auc_diff, passed):
     ranking = {"outputs": {"logit": {"auc": {"diff": auc_diff}, "logloss": {"diff": 0.0}}}}

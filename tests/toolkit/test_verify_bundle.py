@@ -95,6 +95,15 @@ def test_progress_bar_over_item_chunks_leaves_the_result_unchanged(case):
     assert report.retrieval["agreement"]["5"] == 1.0 and report.passed
 
 
+def test_recall_ratio_resolution_is_one_hit_at_one_query(case):
+    report = verify(case / "model.pt", case / "bundle", case / "eval.npz",
+                    options=dataclasses.replace(FAST, latency=False), branches=False)  # fmt: skip
+    judged = len(np.unique(np.load(case / "eval.npz")["relevance"][:, 0]))
+    for k, recall in report.retrieval["recall"]["reference"].items():
+        expected = 1 / (judged * recall) if recall > 0 else 1.0  # no hits: the ratio cannot resolve anything
+        assert report.retrieval["recall_ratio_resolution"][k] == pytest.approx(expected)
+
+
 def test_bundle_with_perturbed_weights_fails(case):
     report = verify(case / "model.pt", case / "broken", case / "eval.npz", options=FAST, branches=False)
     failed = {g.name for g in report.failed_gates}
