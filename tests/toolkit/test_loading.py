@@ -96,11 +96,15 @@ def test_a_directory_is_refused_as_a_model(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_corrupt_checkpoint_is_refused(tmp_path):
-    path = tmp_path / "corrupt.pt"
-    path.write_bytes(b"PK\x03\x04 this is not a zip archive")
-    with pytest.raises(DcncError, match="corrupt.pt: not a readable dcnc checkpoint"):
-        load_model(str(path))
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [("corrupt.pt", b"PK\x03\x04 this is not a zip archive", "corrupt.pt: not a readable dcnc checkpoint"),
+     ("broken.pt2", b"not a program", "broken.pt2: not a readable torch.export program")],
+)
+def test_corrupt_checkpoint_or_program_is_refused(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DcncError, match=message):
+        load_model(str(tmp_path / name))
 
 
 def test_checkpoint_whose_spec_does_not_match_its_state_dict_is_refused(two_tower_checkpoint):
@@ -245,13 +249,6 @@ def test_program_tower_runs_at_any_batch_in_its_range(program_file):
     tower = load_model(str(program_file)).towers["scorer"]
     assert tower.run(tower.feeds(1))["output_0"].shape == (1, 2)
     assert tower.run(tower.feeds(9))["output_0"].shape == (9, 2)
-
-
-def test_corrupt_program_is_refused(tmp_path):
-    path = tmp_path / "broken.pt2"
-    path.write_bytes(b"not a program")
-    with pytest.raises(DcncError, match="broken.pt2: not a readable torch.export program"):
-        load_model(str(path))
 
 
 def test_program_without_a_dynamic_batch_is_loaded_with_a_note(tmp_path):
