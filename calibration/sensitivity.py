@@ -228,8 +228,7 @@ def _session(model):
 
     from toolkit.backends.ort.loader import OrtOptions, session_options
 
-    options = session_options(OrtOptions())
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(OrtOptions(), spinning=False)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -9,7 +9,6 @@ where the two meet.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -285,12 +284,10 @@ def extract_branch(model: onnx.ModelProto, branch: str, report: BranchReport | N
 def _timing_session(model: onnx.ModelProto, threads: int | None):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
-    options.log_severity_level = 3
+    from toolkit.backends.ort.loader import OrtOptions, session_options
+
     # three sessions take turns: a pool left spinning after its run would steal the cores from the next one
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(OrtOptions(threads=threads), spinning=False)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -303,6 +300,8 @@ def time_branches(
     ratio = t_parallel / max(t_cross, t_deep): 1.0 means the branches fully overlap, t_cross + t_deep over the
     max means they ran one after the other. serial_ratio = t_parallel / (t_cross + t_deep).
     """
+    from toolkit.backends.ort.loader import usable_cores
+
     report = analyze(model)
     if not report.parallel or not report.x0_width:
         raise DcncError("branch timing needs a parallel tower with a static x0 width")
@@ -323,7 +322,7 @@ def time_branches(
     t = {name: float(np.median(v)) for name, v in times.items()}
     return {
         "batch": batch,
-        "threads": threads or os.cpu_count(),
+        "threads": threads or usable_cores(),
         "t_cross_ms": t["cross"],
         "t_deep_ms": t["deep"],
         "t_parallel_ms": t["parallel"],

@@ -42,8 +42,7 @@ def session(model, profile_prefix: str | None = None, optimized: Path | None = N
 
     from toolkit.backends.ort.loader import OrtOptions, session_options
 
-    options = session_options(OrtOptions(), optimized_model_path=optimized)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(OrtOptions(), optimized_model_path=optimized, spinning=False)
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

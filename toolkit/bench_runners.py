@@ -23,8 +23,6 @@ from toolkit.errors import DcncError
 from toolkit.latency import TimedCall, device_call
 from toolkit.loading import LoadedModel, LoadedTower
 
-SPINNING = "session.intra_op.allow_spinning"
-
 
 @dataclass(frozen=True)
 class RunnerKind:
@@ -146,8 +144,7 @@ def bench_session(model: str | bytes, backend: str = "ort", options: Any = None,
     if backend == "ort-cuda":
         require_cuda_provider()
     options = options or OrtOptions()
-    so = session_options(options, preoptimized=preoptimized)
-    so.add_session_config_entry(SPINNING, "0")
+    so = session_options(options, preoptimized=preoptimized, spinning=False)
     try:
         return ort.InferenceSession(model, sess_options=so, providers=providers(backend, options))
     except Exception as err:  # onnxruntime raises its own untyped errors (NotImplemented, Fail, ...)

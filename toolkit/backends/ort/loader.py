@@ -78,11 +78,15 @@ def require_cuda_provider() -> str:
     return ort.__version__
 
 
-def session_options(options: OrtOptions, optimized_model_path: Path | None = None, preoptimized: bool = False):
+def session_options(
+    options: OrtOptions, optimized_model_path: Path | None = None, preoptimized: bool = False, spinning: bool = True
+):
     """onnxruntime.SessionOptions: sequential executor, intra-op threads, optimisation level.
 
     `optimized_model_path` makes the session write its optimised graph there; `preoptimized` (the model is such
-    a graph) turns graph optimisation off so it is not redone at every load.
+    a graph) turns graph optimisation off so it is not redone at every load. `spinning=False` for sessions timed
+    in turn with others: an idle session's spinning intra-op threads steal the cores from the one being timed
+    (measured on 2 cores: up to 10x distortions).
     """
     ort = _onnxruntime()
     levels = {
@@ -99,6 +103,8 @@ def session_options(options: OrtOptions, optimized_model_path: Path | None = Non
     so.log_severity_level = 3  # errors only: ORT's warnings about the saved graph would drown the CLI
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
