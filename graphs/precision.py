@@ -24,6 +24,7 @@ from onnx_ir.passes import common as ir_passes
 
 from graphs.branches import analyze
 from graphs.emulation import HALF_TYPES
+from graphs.passes.cleanup import with_nodes
 from toolkit.errors import DcncError
 
 MAX_FINITE = {"fp16": 65504.0, "bf16": 3.3895314e38}
@@ -283,13 +284,6 @@ def _rewrite(model: onnx.ModelProto, dtype: str, blocked: dict[int, str]) -> tup
                     node.input[k] = as_type(node.input[k], TensorProto.FLOAT)
             new_nodes.append(node)
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:], out.graph.value_info[:]
-    out.graph.node.extend(new_nodes)
-    out.graph.initializer.extend(new_inits)
-    used = {t for n in out.graph.node for t in n.input}
-    kept = [init for init in out.graph.initializer if init.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
+    out = with_nodes(model, new_nodes, new_inits)
+    del out.graph.value_info[:]  # the types changed: shape inference writes them anew
     return out, half_nodes, casts

@@ -48,6 +48,21 @@ def removed(before: Counter, after: Counter, op: str, what: str) -> list[str]:
     return [f"removed {gone} {what}"] if gone > 0 else []
 
 
+def with_nodes(model: onnx.ModelProto, nodes: list, new_initializers: list) -> onnx.ModelProto:
+    """A copy of `model` whose graph runs `nodes`, with `new_initializers` added and the initializers nothing reads
+    any more dropped (a rewrite that replaced a node leaves its old weights behind)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(new_initializers)
+    used = {t for node in out.graph.node for t in node.input}
+    kept = [init for init in out.graph.initializer if init.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
+
+
 def cleanup(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """The cleaned model and what changed, one line per kind of change."""
     graph = ir.serde.deserialize_model(model)

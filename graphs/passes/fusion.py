@@ -12,6 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphs.branches import analyze
+from graphs.passes.cleanup import with_nodes
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -82,14 +83,6 @@ def fuse_entry_gemms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
             nodes += [gemm, split]
         if i not in fused:
             nodes.append(node)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    out.graph.initializer.extend(new_inits)
-    used = {t for node in out.graph.node for t in node.input}
-    kept = [init for init in out.graph.initializer if init.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
+    out = with_nodes(model, nodes, new_inits)
     names = ", ".join(node.name or node.op_type for _, node, _ in readers)
     return out, [f"fused {len(readers)} Gemms on x0 ({names}) into one [{w.shape[1]} -> {w.shape[0]}] Gemm + Split"]
