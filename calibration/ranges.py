@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from toolkit.errors import DcncError
+from toolkit.errors import DcncError, first_line
 
 METHODS = ("minmax", "entropy", "percentile")
 NUM_BINS = 2048
@@ -202,7 +202,7 @@ def _tapped_session(model, tensors: list[str]):
     try:
         return ort.InferenceSession(tapped.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises untyped errors
-        raise DcncError(f"calibration: onnxruntime cannot run the graph ({str(err).splitlines()[0]})") from None
+        raise DcncError(f"calibration: onnxruntime cannot run the graph ({first_line(err)})") from None
 
 
 def _run(session, tensors: list[str], batches, advance):
@@ -210,7 +210,7 @@ def _run(session, tensors: list[str], batches, advance):
         try:
             values = session.run(tensors, feeds)
         except Exception as err:  # onnxruntime raises untyped errors
-            raise DcncError(f"calibration: the graph failed on a batch ({str(err).splitlines()[0]})") from None
+            raise DcncError(f"calibration: the graph failed on a batch ({first_line(err)})") from None
         advance()
         yield dict(zip(tensors, values))
 

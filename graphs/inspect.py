@@ -12,7 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from graphs.branches import analyze
-from toolkit.errors import DcncError
+from toolkit.errors import DcncError, first_line
 
 MATMUL_OPS = {"Gemm", "MatMul"}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
@@ -31,7 +31,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as err:
-        raise DcncError(f"{path}: not a readable ONNX model ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise DcncError(f"{path}: not a readable ONNX model ({first_line(err)})") from None
     if model.ir_version < 1 or not model.HasField("graph") or not model.opset_import:
         raise DcncError(f"{path}: not an ONNX model (no IR version, graph or opset)")
     return model
@@ -79,7 +79,7 @@ def inspect_model(path: str | Path) -> dict:
         onnx.checker.check_model(model)
         problem = None
     except onnx.checker.ValidationError as err:
-        problem = str(err).strip().splitlines()[0]
+        problem = first_line(err)
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - inspection reports what it can of a graph inference rejects

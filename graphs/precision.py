@@ -25,7 +25,7 @@ from onnx_ir.passes import common as ir_passes
 from graphs.branches import analyze
 from graphs.emulation import HALF_TYPES
 from graphs.passes.cleanup import with_nodes
-from toolkit.errors import DcncError
+from toolkit.errors import DcncError, first_line
 
 MAX_FINITE = {"fp16": 65504.0, "bf16": 3.3895314e38}
 MATMUL_OPS = {"Gemm", "MatMul", "Conv", "Einsum"}
@@ -209,7 +209,7 @@ def lower_half(
         onnx.checker.check_model(lowered)
         lowered = onnx.shape_inference.infer_shapes(lowered, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        raise DcncError(f"{dtype} lowering produced an invalid graph ({str(err).splitlines()[0]})") from None
+        raise DcncError(f"{dtype} lowering produced an invalid graph ({first_line(err)})") from None
     return lowered, record
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from toolkit.errors import DcncError, GateFailed
+from toolkit.errors import DcncError, GateFailed, first_line
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -194,7 +194,7 @@ def validate_tower(
     try:
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     except Exception as err:
-        return [OutputParity(n, "loading", False, reason=f"onnxruntime cannot load it: {_line(err)}") for n in tower.output_names]
+        return [OutputParity(n, "loading", False, reason=f"onnxruntime cannot load it: {first_line(err)[:300]}") for n in tower.output_names]
     cases: dict[str, dict[str, np.ndarray]] = {}
     if tower.has_batch:
         low, high = tower.batch_range
@@ -211,12 +211,12 @@ def validate_tower(
         except DcncError:
             raise
         except Exception as err:
-            raise DcncError(f"tower {tower.name}: torch fails on {case}: {_line(err)}") from None
+            raise DcncError(f"tower {tower.name}: torch fails on {case}: {first_line(err)[:300]}") from None
         try:
             names = [o.name for o in session.get_outputs()]
             candidate = dict(zip(names, session.run(names, feeds)))
         except Exception as err:
-            checks += [OutputParity(n, case, False, reason=f"onnxruntime failed: {_line(err)}") for n in reference]
+            checks += [OutputParity(n, case, False, reason=f"onnxruntime failed: {first_line(err)[:300]}") for n in reference]
             continue
         checks += compare_outputs(reference, candidate, tolerance, case)
     return checks
@@ -238,7 +238,7 @@ def read_real_rows(path: str | Path, tower: LoadedTower, limit: int) -> dict[str
                     return None
                 chosen[spec.name] = (key, archive[key][:limit])
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DcncError(f"{path}: not a readable .npz evaluation file ({_line(err)})") from None
+        raise DcncError(f"{path}: not a readable .npz evaluation file ({first_line(err)[:300]})") from None
     feeds = {}
     rows = {len(array) for _, array in chosen.values()}
     if len(rows) != 1 or 0 in rows:
@@ -249,8 +249,3 @@ def read_real_rows(path: str | Path, tower: LoadedTower, limit: int) -> dict[str
             raise DcncError(f"{path}: {key!r} has dtype {array.dtype}, tower {tower.name} expects {spec.dtype}")
         feeds[spec.name] = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
     return feeds
-
-
-def _line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__

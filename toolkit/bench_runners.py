@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from toolkit import __version__
-from toolkit.errors import DcncError
+from toolkit.errors import DcncError, first_line
 from toolkit.latency import TimedCall, device_call
 from toolkit.loading import LoadedModel, LoadedTower
 
@@ -148,7 +148,7 @@ def bench_session(model: str | bytes, backend: str = "ort", options: Any = None,
     try:
         return ort.InferenceSession(model, sess_options=so, providers=providers(backend, options))
     except Exception as err:  # onnxruntime raises its own untyped errors (NotImplemented, Fail, ...)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         where = model if isinstance(model, str) else "graph"
         raise DcncError(f"{where}: onnxruntime ({backend}) cannot run it ({first[:200]})") from None
 
@@ -321,16 +321,12 @@ def _torch_callable(name: str, loaded: LoadedTower, workspace: Workspace) -> Any
     except DcncError:
         raise
     except Exception as err:  # inductor raises its own errors (no C++ compiler, unsupported op, ...)
-        raise DcncError(f"AOTInductor cannot compile tower {loaded.name} here: {_first_line(err)}") from None
+        raise DcncError(f"AOTInductor cannot compile tower {loaded.name} here: {first_line(err)[:300]}") from None
 
 
 def _run_once(call: TimedCall, name: str) -> None:
     try:
         call()
     except Exception as err:  # torch.compile's backend failures come in many types; they are a reason to skip
-        raise DcncError(f"{name}: {type(err).__name__}: {_first_line(err)}") from None
+        raise DcncError(f"{name}: {type(err).__name__}: {first_line(err)[:300]}") from None
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__

@@ -21,7 +21,7 @@ from toolkit.bundle import (
     installed_versions,
     write_manifest,
 )
-from toolkit.errors import DcncError
+from toolkit.errors import DcncError, first_line
 from toolkit.fileio import atomic_dir, sha256_file, sha256_tree
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -159,7 +159,7 @@ def _load_onnx(path: Path):
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as err:  # onnx raises DecodeError, ValidationError, OSError, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise DcncError(f"{path}: not a valid ONNX model ({first})") from None
     return model
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from toolkit import __version__
-from toolkit.errors import DcncError
+from toolkit.errors import DcncError, first_line
 from toolkit.fileio import atomic_path
 from toolkit.models.families import build_model
 from toolkit.spec import ModelSpec
@@ -39,7 +39,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise DcncError(f"{path}: not a readable dcnc checkpoint ({first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DcncError(f"{path}: not a dcnc checkpoint (expected format {FORMAT!r})")

@@ -21,7 +21,7 @@ import sympy
 import torch
 from torch import nn
 
-from toolkit.errors import DcncError
+from toolkit.errors import DcncError, first_line
 from toolkit.fileio import sha256_file
 from toolkit.signature import TensorSpec, random_inputs
 from toolkit.spec import ModelSpec
@@ -142,7 +142,7 @@ def _load_dcnc_checkpoint(path: Path) -> LoadedModel:
     except DcncError:
         raise
     except Exception as err:  # a file torch reads but cannot make sense of: still the user's file, not our bug
-        raise DcncError(f"{path}: not a readable dcnc checkpoint ({_first_line(err)})") from None
+        raise DcncError(f"{path}: not a readable dcnc checkpoint ({first_line(err)[:300]})") from None
     towers = {
         name: LoadedTower(name, tower.eval(), list(tower.input_specs), list(tower.output_names))
         for name, tower in model.towers().items()
@@ -170,7 +170,7 @@ def _load_factory(ref: str, inputs: list[str], weights: str | None) -> LoadedMod
     try:
         module = importlib.import_module(module_name)
     except Exception as err:
-        raise DcncError(f"{ref}: cannot import module {module_name!r} ({type(err).__name__}: {_first_line(err)})") from None
+        raise DcncError(f"{ref}: cannot import module {module_name!r} ({type(err).__name__}: {first_line(err)[:300]})") from None
     factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
@@ -181,7 +181,7 @@ def _load_factory(ref: str, inputs: list[str], weights: str | None) -> LoadedMod
     try:
         model = factory()
     except Exception as err:
-        raise DcncError(f"{ref}: factory {attr} raised {type(err).__name__}: {_first_line(err)}") from None
+        raise DcncError(f"{ref}: factory {attr} raised {type(err).__name__}: {first_line(err)[:300]}") from None
     if not isinstance(model, nn.Module):
         raise DcncError(f"{ref}: factory {attr} returned {type(model).__name__}, expected a torch.nn.Module")
     sources = [Path(inspect.getsourcefile(module) or module.__file__ or "")]
@@ -213,7 +213,7 @@ def _load_weights(model: nn.Module, path: Path, ref: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise DcncError(f"{path}: not a readable state_dict ({_first_line(err)})") from None
+        raise DcncError(f"{path}: not a readable state_dict ({first_line(err)[:300]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a dcnc checkpoint or a Lightning-style file holds it under this key
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -241,7 +241,7 @@ def _probe(tower: LoadedTower, ref: str) -> LoadedTower:
             outputs = _flatten(tower.module(*tensors))
     except Exception as err:
         shown = ", ".join(str(s) for s in tower.input_specs)
-        raise DcncError(f"{ref}: tower {tower.name} fails on inputs [{shown}]: {_first_line(err)}") from None
+        raise DcncError(f"{ref}: tower {tower.name} fails on inputs [{shown}]: {first_line(err)[:300]}") from None
     if not tower.output_names:
         tower.output_names = [f"output_{i}" for i in range(len(outputs))]
     elif len(tower.output_names) != len(outputs):
@@ -260,7 +260,7 @@ def _load_program(path: Path) -> LoadedModel:
     try:
         program = torch.export.load(path)
     except Exception as err:
-        raise DcncError(f"{path}: not a readable torch.export program ({_first_line(err)})") from None
+        raise DcncError(f"{path}: not a readable torch.export program ({first_line(err)[:300]})") from None
     specs, dim_sizes, batch_range = _program_inputs(program, path)
     outputs = [f"output_{i}" for i in range(len(program.graph_signature.user_outputs))]
     tower = LoadedTower(path.stem, program.module(), specs, outputs, program, dim_sizes, batch_range)
@@ -332,7 +332,3 @@ def _flatten(outputs: Any) -> list[torch.Tensor]:
         return [t for item in outputs for t in _flatten(item)]
     raise DcncError(f"forward returned {type(outputs).__name__}; a tower returns tensors (or a tuple of them)")
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__

@@ -15,7 +15,7 @@ from graphs.passes.canonicalize import canonicalize
 from graphs.passes.cleanup import cleanup
 from graphs.passes.fold import fold_constants
 from graphs.passes.fusion import fuse_entry_gemms
-from toolkit.errors import DcncError
+from toolkit.errors import DcncError, first_line
 
 Pass = Callable[[onnx.ModelProto], tuple[onnx.ModelProto, list[str]]]
 
@@ -69,7 +69,7 @@ def validate(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
         del model.graph.value_info[:]  # stale after a rewrite; inference recomputes them
         return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise DcncError(f"{where}: invalid ONNX graph ({first})") from None
 
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from toolkit.errors import DcncError
+from toolkit.errors import DcncError, first_line
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -156,7 +156,7 @@ class SessionFromOnnx:
                     self.optimized_model_path, self.preoptimized,
                 )
                 return retry()
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise DcncError(f"{self.path}: onnxruntime cannot load it ({first})") from None
         if self.backend == "ort-cuda" and session.get_providers()[0] != CUDA_PROVIDER:
             raise DcncError(

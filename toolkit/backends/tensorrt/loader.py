@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from toolkit.backends.tensorrt.config import TrtOptions, create_config, optimization_profile
-from toolkit.errors import DcncError
+from toolkit.errors import DcncError, first_line
 from toolkit.fileio import atomic_write_text
 
 SUPPORTED_MAJORS = (10, 11)
@@ -106,7 +106,7 @@ def build_engine(
     try:
         engine_bytes = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
     except PolygraphyException as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "see TensorRT's log above"
+        first = first_line(err, "see TensorRT's log above")
         raise DcncError(f"{onnx_path}: TensorRT {trt.__version__} could not build an engine ({first})") from None
     engine_path.write_bytes(bytes(engine_bytes))
     return inspect_engine(deserialize_engine(engine_path.read_bytes(), options))
