@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from toolkit import __version__
-from toolkit.errors import DcncError, GateFailed
+from toolkit.core.errors import DcncError, GateFailed
 
 app = typer.Typer(
     name="dcnc",
@@ -90,8 +90,8 @@ def export(
     from rich.table import Table
 
     from graphs.export import export_model, pass_pipeline
-    from graphs.validate import ParityFailed, worst_table
-    from toolkit.loading import load_model
+    from toolkit.evaluate.validate import ParityFailed, worst_table
+    from toolkit.model.loading import load_model
 
     pipeline = pass_pipeline(passes)  # an unknown pass is refused before the model loads
     loaded = load_model(model, inputs, weights)
@@ -167,9 +167,9 @@ def verify(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar (corpus embedding, latency sweep)."),
 ) -> None:
     """Check a bundle against its PyTorch original: parity, recall@K or AUC, and latency; exit 1 if a gate fails."""
-    from toolkit import report as reports
-    from toolkit.verify import VerifyOptions
-    from toolkit.verify import verify as run_verify
+    from toolkit.evaluate.verify import VerifyOptions
+    from toolkit.evaluate.verify import verify as run_verify
+    from toolkit.report import verify as reports
 
     options = VerifyOptions(ks=_ints(k, "--k"), batch_sizes=_ints(batch_sizes, "--batch-sizes"),
                             iterations=iterations, warmup=warmup, latency=latency, progress=not quiet)
@@ -183,7 +183,7 @@ def verify(
     if html:
         from pathlib import Path
 
-        from toolkit.htmlreport import write_html
+        from toolkit.report.html import write_html
 
         target = Path(bundle).resolve().name
         write_html({target: reports.to_json(result)}, html, title=f"dcnc verify: {target}")
@@ -224,7 +224,7 @@ def build(
     """Lower exported tower graphs to a precision and build them into one bundle (ONNX, engine, caches, manifest.json)."""
     from toolkit.backends.ort.loader import OrtOptions
     from toolkit.backends.tensorrt.config import TrtOptions
-    from toolkit.build import build_bundle, parse_batch
+    from toolkit.commands.build import build_bundle, parse_batch
 
     manifest = build_bundle(
         model, out, backend=backend, precision=precision, calib=calib, batch=parse_batch(batch), force=force,
@@ -264,8 +264,8 @@ def calibrate(
     min_metric_ratio: float = typer.Option(0.999, "--min-metric-ratio", help="Keep the fewest units in FP32 so that INT8 metric / FP32 metric reaches this."),
 ) -> None:
     """Calibrate a tower graph for INT8: activation ranges into a keyed cache, optionally a TensorRT table and a sensitivity curve."""
-    from calibration.calibrate import analyse_sensitivity
-    from calibration.calibrate import calibrate as run_calibration
+    from toolkit.commands.calibrate import analyse_sensitivity
+    from toolkit.commands.calibrate import calibrate as run_calibration
 
     summary = run_calibration(
         model, calib, out, calib_method, calib_samples, seed, percentile, trt_table, trt_version, progress=True
@@ -305,7 +305,7 @@ def train(
     """
     from rich.table import Table
 
-    from toolkit.train import FAMILIES, train_examples
+    from toolkit.example.train import FAMILIES, train_examples
 
     if family not in (*FAMILIES, "all"):
         raise DcncError(f"--family must be one of {[*FAMILIES, 'all']}, got {family!r}")
@@ -322,7 +322,7 @@ def train(
 
 
 # --- dcnc run -------------------------------------------------------------------------------------------------
-RUN_EPILOG = """Without PIPELINE.toml: the built-in example (toolkit/examples/pipeline.toml): the example two-tower and ranker, trained on synthetic data into OUT/<model>/train/ when missing, each built for ONNX Runtime CPU in fp32, fp16 and int8 and verified. Copy that file to write your own (the keys are described in toolkit/pipeline.py).
+RUN_EPILOG = """Without PIPELINE.toml: the built-in example (toolkit/example/pipeline.toml): the example two-tower and ranker, trained on synthetic data into OUT/<model>/train/ when missing, each built for ONNX Runtime CPU in fp32, fp16 and int8 and verified. Copy that file to write your own (the keys are described in toolkit/commands/run/pipeline.py).
 
 Stages whose inputs hash as before and whose outputs are intact are skipped ("current"): changing one target rebuilds only it, a changed checkpoint redoes everything after it; --force redoes all.
 
@@ -343,9 +343,9 @@ def run(
     """The whole job in one command: train-if-needed, export, build every target, verify each; one summary."""
     import json
 
-    from toolkit.pipeline import load_pipeline
-    from toolkit.runsummary import print_summary
-    from toolkit.stages import run_pipeline
+    from toolkit.commands.run.pipeline import load_pipeline
+    from toolkit.commands.run.stages import run_pipeline
+    from toolkit.report.runsummary import print_summary
 
     def progress(line: str) -> None:
         console.print(line, highlight=False, soft_wrap=True)
@@ -395,7 +395,7 @@ def package(
     force: bool = typer.Option(False, "--force", help="Replace models of the same name already in the repository."),
 ) -> None:
     """Package a bundle for serving: a Triton Inference Server model repository, one model per tower."""
-    from toolkit.triton import package_triton
+    from toolkit.commands.package import package_triton
 
     models = package_triton(bundle, triton, name_prefix, instances, max_queue_delay_us, force)
     for model in models:
@@ -423,7 +423,13 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no table."),
 ) -> None:
     """Benchmark a model's towers across runtimes over a batch sweep, interleaved: p50/p90/p99, throughput, speedup over torch eager, % of the measured MatMul peak."""
-    from toolkit.bench import BenchOptions, bench_tables, parse_runners, run_bench, write_json
+    from toolkit.commands.bench.benchmark import (
+        BenchOptions,
+        bench_tables,
+        parse_runners,
+        run_bench,
+        write_json,
+    )
 
     options = BenchOptions(
         batch_sizes=_ints(batch_sizes, "--batch-sizes"), iterations=iterations, warmup=warmup, threads=threads,

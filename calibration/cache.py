@@ -13,8 +13,8 @@ import struct
 from pathlib import Path
 
 from calibration.ranges import NUM_BINS, RangeSet
-from toolkit.errors import DcncError
-from toolkit.fileio import atomic_write_text
+from toolkit.core.errors import DcncError
+from toolkit.core.fileio import atomic_write_text
 
 SCHEMA = "dcnc.calibration/1"
 CACHE_NAME = "calibration.json"

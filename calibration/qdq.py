@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.ranges import DEFAULT_PERCENTILE, RangeSet
-from toolkit.errors import DcncError
+from toolkit.core.errors import DcncError
 
 TARGETS = ("cpu", "tensorrt")
 WEIGHT_OPS = ("Gemm", "MatMul")
@@ -157,8 +157,17 @@ def quantize_with_ranges(
     names a node the graph does not have.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.calibrate import (
+        TensorData,
+        TensorsData,
+        save_tensors_data,
+    )
 
     config = check_target(target)
     keep_fp32 = list(keep_fp32)
@@ -282,7 +291,7 @@ def quantize_int8(
     tables as int8. cache_dir: where calibration.json lives (reused when its key matches graph, data and
     method; rewritten otherwise); None disables caching.
     """
-    from calibration.calibrate import calibrated_ranges
+    from toolkit.commands.calibrate import calibrated_ranges
 
     check_target(target)
     model = _load_model(model)

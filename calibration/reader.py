@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.data import check_feeds, load_npz
-from toolkit.errors import DcncError
-from toolkit.signature import TensorSpec
+from toolkit.core.errors import DcncError
+from toolkit.core.npz import check_feeds, load_npz
+from toolkit.core.signature import TensorSpec
 
 DATASET_PREFIX = "dataset:"
 DEFAULT_BATCH = 512
@@ -152,8 +152,8 @@ def _from_shards(folder: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray]
 
 def _from_dataset(name: str, specs: list[TensorSpec], samples: int | None, seed: int) -> dict[str, np.ndarray]:
     """Interactions drawn from an example dataset, as the graph's inputs (input names are feature names)."""
-    from toolkit.data import load_dataset
-    from toolkit.data.evalsplit import calibration_sample
+    from toolkit.example.data import load_dataset
+    from toolkit.example.data.evalsplit import calibration_sample
 
     data = load_dataset(name, seed=seed)
     events = np.arange(len(data.user))

@@ -21,8 +21,8 @@ import numpy as np
 
 from calibration.qdq import quantizable_nodes, quantize_with_ranges
 from calibration.ranges import RangeSet
-from toolkit.errors import DcncError
-from toolkit.fileio import atomic_write_text
+from toolkit.core.errors import DcncError
+from toolkit.core.fileio import atomic_write_text
 
 GRANULARITIES = ("node", "layer", "branch")
 METRICS = ("recall", "agreement", "auc", "cosine")
@@ -74,7 +74,7 @@ def agreement_metric(k: int = 100, corpus: np.ndarray | None = None) -> Metric:
     """agreement@K of exact inner-product top-K lists: each output row is a query, searched in `corpus` (e.g.
     the FP32 item embeddings, for a query tower) or, without one, in the outputs themselves (reference rows
     for the reference, candidate rows for the candidate), so an item tower is judged by its own neighbourhoods."""
-    from toolkit.metrics import agreement_at_k, exact_top_k
+    from toolkit.evaluate.metrics import agreement_at_k, exact_top_k
 
     def metric(reference: np.ndarray, candidate: np.ndarray) -> float:
         ref_corpus = reference if corpus is None else corpus
@@ -91,7 +91,7 @@ def recall_metric(k: int, relevance: np.ndarray, partner: np.ndarray, side: str)
     """recall@K of a two-tower retrieval with one tower's outputs replaced by the candidate's: `side` "query"
     searches the candidate's rows in the `partner` item embeddings (FP32), "item" searches the FP32 `partner`
     queries in the candidate's rows. relevance: int [P, 2] (query row, item row)."""
-    from toolkit.metrics import exact_top_k, recall_at_k
+    from toolkit.evaluate.metrics import exact_top_k, recall_at_k
 
     if side not in ("query", "item"):
         raise DcncError(f"recall metric: side must be query or item, got {side!r}")
@@ -106,7 +106,7 @@ def recall_metric(k: int, relevance: np.ndarray, partner: np.ndarray, side: str)
 
 def auc_metric(labels: np.ndarray) -> Metric:
     """AUC of the candidate's first output (a logit or probability) against 0/1 `labels`."""
-    from toolkit.metrics import auc
+    from toolkit.evaluate.metrics import auc
 
     return lambda reference, candidate: auc(labels, candidate.ravel())
 
@@ -213,7 +213,7 @@ def sensitivity(
 
 def _latencies(fp32_session, sessions: list, feeds: dict[str, np.ndarray]) -> list[float]:
     """Median ms of one run of each session (FP32 first), timed interleaved so load drift hits all alike."""
-    from toolkit.latency import time_interleaved
+    from toolkit.backends.latency import time_interleaved
 
     calls = {"fp32": lambda: fp32_session.run(None, feeds)}
     calls |= {str(i): (lambda s=s: s.run(None, feeds)) for i, s in enumerate(sessions)}

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from toolkit.errors import DcncError
+from toolkit.core.errors import DcncError
 
 # Ops a shared branch entry may consist of: a horizontally fused Gemm + Split that computes from x0 alone.
 ENTRY_OPS = {"Gemm", "MatMul", "Add", "Split", "Slice", "Reshape", "Transpose", "Unsqueeze", "Squeeze"}

@@ -115,7 +115,7 @@ def emulated_half_session(model: onnx.ModelProto, dtype: str | None = None):
     """
     import onnxruntime as ort
 
-    from toolkit.errors import DcncError
+    from toolkit.core.errors import DcncError
 
     if dtype is not None:
         if dtype not in HALF_TYPES:

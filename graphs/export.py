@@ -2,7 +2,7 @@
 
 One self-contained file per tower (external data only above protobuf's 2 GB limit), dcnc metadata props
 (spec, tower, branch modules, versions, source hash), written atomically: a failed export leaves nothing.
-After writing, each file is validated against its torch tower (graphs.validate). When validation fails the
+After writing, each file is validated against its torch tower (toolkit.evaluate.validate). When validation fails the
 files are kept for inspection (as trtexec and polygraphy keep theirs) and ParityFailed (exit 1) is raised.
 """
 
@@ -23,12 +23,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from graphs.onnxfile import check_output, save_onnx, staged
-from graphs.validate import DEFAULT_LARGE_BATCH, OutputParity, ParityFailed, Tolerance, read_real_rows, validate_tower
 from toolkit import __version__
-from toolkit.errors import DcncError
-from toolkit.fileio import sha256_file
-from toolkit.loading import BATCH, LoadedModel, LoadedTower
-from toolkit.signature import TensorSpec
+from toolkit.core.errors import DcncError
+from toolkit.core.fileio import sha256_file
+from toolkit.core.signature import TensorSpec
+from toolkit.evaluate.validate import (
+    DEFAULT_LARGE_BATCH,
+    OutputParity,
+    ParityFailed,
+    Tolerance,
+    read_real_rows,
+    validate_tower,
+)
+from toolkit.model.loading import BATCH, LoadedModel, LoadedTower
 
 if TYPE_CHECKING:
     import onnx
@@ -71,7 +78,9 @@ def supported_opsets() -> range:
     import onnx
 
     try:
-        from onnxscript.version_converter._version_converter import SUPPORTED_MAX_ONNX_OPSET
+        from onnxscript.version_converter._version_converter import (
+            SUPPORTED_MAX_ONNX_OPSET,
+        )
     except ImportError:  # pragma: no cover - a future onnxscript that moved the constant
         SUPPORTED_MAX_ONNX_OPSET = TORCHLIB_OPSET
     return range(TORCHLIB_OPSET, min(SUPPORTED_MAX_ONNX_OPSET, onnx.defs.onnx_opset_version()) + 1)
@@ -101,7 +110,7 @@ def export_model(
     """Export the selected towers of `loaded` to `out` and validate each against torch.
 
     out: the `.onnx` path for one tower; a directory holding `<tower>.onnx` per tower for several.
-    atol/rtol: graphs.validate.Tolerance (None: the defaults there). validate_batch: the large batch checked
+    atol/rtol: toolkit.evaluate.validate.Tolerance (None: the defaults there). validate_batch: the large batch checked
     beside batch 1. passes: graph passes run on each tower before it is saved (see PassSelection; `dcnc export`
     gives "default"); None keeps the exporter's graph. Validation reads the file as saved, after the passes.
     Raises DcncError (nothing written) for bad input or an export failure; ParityFailed (files kept) when an

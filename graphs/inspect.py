@@ -12,7 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from graphs.branches import analyze
-from toolkit.errors import DcncError, first_line
+from toolkit.core.errors import DcncError, first_line
 
 MATMUL_OPS = {"Gemm", "MatMul"}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}

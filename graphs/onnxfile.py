@@ -12,8 +12,8 @@ from pathlib import Path
 
 import onnx
 
-from toolkit.errors import DcncError
-from toolkit.fileio import atomic_dir, atomic_path, atomic_write_bytes
+from toolkit.core.errors import DcncError
+from toolkit.core.fileio import atomic_dir, atomic_path, atomic_write_bytes
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 1  # protobuf cannot serialise one message above 2 GB
 

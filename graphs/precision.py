@@ -25,7 +25,7 @@ from onnx_ir.passes import common as ir_passes
 from graphs.branches import analyze
 from graphs.emulation import HALF_TYPES
 from graphs.passes.cleanup import with_nodes
-from toolkit.errors import DcncError, first_line
+from toolkit.core.errors import DcncError, first_line
 
 MAX_FINITE = {"fp16": 65504.0, "bf16": 3.3895314e38}
 MATMUL_OPS = {"Gemm", "MatMul", "Conv", "Einsum"}

@@ -83,7 +83,7 @@ def _graph(nodes, inputs, outputs, initializers):
 
 def _time_pair(fp32, int8, iterations: int) -> tuple[float, float]:
     """Fastest ms of each side, timed interleaved (a peak is the best the machine does)."""
-    from toolkit.latency import time_interleaved
+    from toolkit.backends.latency import time_interleaved
 
     (a, feeds_a), (b, feeds_b) = fp32, int8
     samples = time_interleaved({"fp32": lambda: a.run(None, feeds_a), "int8": lambda: b.run(None, feeds_b)},
@@ -189,17 +189,17 @@ def main() -> None:
 def bench(args: argparse.Namespace, work: Path) -> None:
     import onnx
 
-    from calibration.calibrate import calibrated_ranges
     from calibration.qdq import quantize_with_ranges
     from calibration.reader import graph_input_specs, load_calibration
     from calibration.sensitivity import recall_metric, sensitivity
     from graphs.export import export_model
     from graphs.inspect import inspect_model
+    from toolkit.backends.latency import time_interleaved
     from toolkit.backends.ort.loader import usable_cores
-    from toolkit.build import build_bundle
-    from toolkit.latency import time_interleaved
-    from toolkit.loading import load_model
-    from toolkit.metrics import exact_top_k, recall_at_k
+    from toolkit.commands.build import build_bundle
+    from toolkit.commands.calibrate import calibrated_ranges
+    from toolkit.evaluate.metrics import exact_top_k, recall_at_k
+    from toolkit.model.loading import load_model
 
     evaluation = dict(np.load(args.example / "two_tower_eval.npz"))
     towers = ("query", "item")

@@ -11,9 +11,7 @@ import itertools
 import torch
 from torch import nn
 
-from toolkit.models.cross import CROSS_KINDS
-from toolkit.models.families import build_model
-from toolkit.spec import (
+from toolkit.model.spec import (
     FAMILIES,
     STRUCTURES,
     CrossSpec,
@@ -23,6 +21,8 @@ from toolkit.spec import (
     SparseFeature,
     TowerSpec,
 )
+from toolkit.model.zoo.cross import CROSS_KINDS
+from toolkit.model.zoo.families import build_model
 
 # Every (family, cross kind, structure) the toolkit ships.
 GRID = list(itertools.product(FAMILIES, CROSS_KINDS, STRUCTURES))

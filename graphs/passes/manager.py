@@ -15,7 +15,7 @@ from graphs.passes.canonicalize import canonicalize
 from graphs.passes.cleanup import cleanup
 from graphs.passes.fold import fold_constants
 from graphs.passes.fusion import fuse_entry_gemms
-from toolkit.errors import DcncError, first_line
+from toolkit.core.errors import DcncError, first_line
 
 Pass = Callable[[onnx.ModelProto], tuple[onnx.ModelProto, list[str]]]
 

@@ -3,7 +3,7 @@
 The cross network and the MLP of each tower of a dcnc checkpoint are timed alone and together on one x0, in
 torch on CUDA with events: t_parallel runs them on two streams, so ratio = t_parallel / max(t_cross, t_deep) is
 1.0 when the GPU overlaps them fully and (t_cross + t_deep) / max when it serialises them. The FP16 and BF16
-peaks of one large MatMul (toolkit.peak) say how far the tower is from the GPU's roof.
+peaks of one large MatMul (toolkit.commands.bench.peak) say how far the tower is from the GPU's roof.
 
     python3 scripts/gpu/branches.py CHECKPOINT.pt [--batch 4096] [--json OUT.json]
 """
@@ -32,7 +32,7 @@ def time_ms(call, repeats: int = 200, warmup: int = 20) -> float:
 
 
 def tower_branches(tower, batch: int) -> dict:
-    from toolkit.signature import random_inputs
+    from toolkit.core.signature import random_inputs
 
     interaction = tower.interaction
     if interaction.structure != "parallel":
@@ -63,8 +63,8 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
-    from toolkit.checkpoint import load_checkpoint
-    from toolkit.peak import torch_matmul_peak
+    from toolkit.commands.bench.peak import torch_matmul_peak
+    from toolkit.model.checkpoint import load_checkpoint
 
     model, _, _ = load_checkpoint(args.checkpoint)
     model = model.cuda().eval()

@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
-
-import calibration.calibrate as calibrate_module
 from calib_towers import random_feeds, tower_graph
-from calibration.cache import CACHE_NAME, read_tensorrt_table, tensorrt_table, tensorrt_version_code
-from calibration.calibrate import calibrated_ranges
-from calibration.reader import CalibrationData
+
+import toolkit.commands.calibrate as calibrate_module
+from calibration.cache import (
+    CACHE_NAME,
+    read_tensorrt_table,
+    tensorrt_table,
+    tensorrt_version_code,
+)
 from calibration.ranges import RangeSet
-from toolkit.errors import DcncError
+from calibration.reader import CalibrationData
+from toolkit.commands.calibrate import calibrated_ranges
+from toolkit.core.errors import DcncError
 
 
 @pytest.fixture()

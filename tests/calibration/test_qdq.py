@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from calib_towers import optimized_op_types, random_feeds, run, tower_graph
 from onnx import numpy_helper
 
-from calib_towers import optimized_op_types, random_feeds, run, tower_graph
 import calibration.qdq as qdq
 from calibration.qdq import (
     float_exit_gemms,
@@ -19,7 +19,7 @@ from calibration.qdq import (
 )
 from calibration.ranges import collect_ranges
 from calibration.reader import CalibrationData
-from toolkit.errors import DcncError
+from toolkit.core.errors import DcncError
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from calib_towers import random_feeds, run, tower_graph
+
 from calibration.ranges import collect_ranges, entropy_threshold, percentile_threshold
 from calibration.reader import CalibrationData
-from toolkit.errors import DcncError
+from toolkit.core.errors import DcncError
 
 
 def _histogram(values: np.ndarray, bins: int = 2048):

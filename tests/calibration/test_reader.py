@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from calib_towers import random_feeds, tower_graph
 
 from calibration.reader import CalibrationData, graph_input_specs, load_calibration
-from calib_towers import random_feeds, tower_graph
-from toolkit.errors import DcncError
-from toolkit.signature import TensorSpec
+from toolkit.core.errors import DcncError
+from toolkit.core.signature import TensorSpec
 
 
 @pytest.fixture(scope="module")

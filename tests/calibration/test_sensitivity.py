@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import onnx
 import pytest
-
 from calib_towers import tower_graph, trained_two_tower
-from calibration.calibrate import calibrated_ranges
+
 from calibration.qdq import quantizable_nodes, quantize_with_ranges
 from calibration.reader import graph_input_specs, load_calibration
 from calibration.sensitivity import _session, agreement_metric, group_units, sensitivity
-from toolkit.errors import DcncError
+from toolkit.commands.calibrate import calibrated_ranges
+from toolkit.core.errors import DcncError
 
 
 def test_units_group_nodes_by_layer_and_branch():

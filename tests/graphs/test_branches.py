@@ -10,8 +10,14 @@ from onnx import helper
 from torch import nn
 from tower_graphs import module_graph, run, zoo_feeds, zoo_graph
 
-from graphs.branches import ConcurrencyBroken, analyze, check_concurrency, extract_branch, time_branches
-from toolkit.signature import TensorSpec
+from graphs.branches import (
+    ConcurrencyBroken,
+    analyze,
+    check_concurrency,
+    extract_branch,
+    time_branches,
+)
+from toolkit.core.signature import TensorSpec
 
 
 @pytest.mark.parametrize("family", ["retrieval", "ranking", "projection"])

@@ -1,10 +1,9 @@
-"""graphs.export and graphs.validate: every zoo tower exported and checked against torch, determinism,
+"""graphs.export and toolkit.evaluate.validate: every zoo tower exported and checked against torch, determinism,
 metadata, graph passes in the saved file, and the refusals that leave nothing on disk."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,11 +11,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import zoo
 
 from graphs import export as export_module
 from graphs.export import export_model, export_tower, supported_opsets, tower_to_onnx
 from graphs.passes.manager import DEFAULT_PASSES, GPU_PASSES
-from graphs.validate import (
+from toolkit import __version__
+from toolkit.core.errors import DcncError
+from toolkit.core.signature import TensorSpec, random_inputs
+from toolkit.evaluate.validate import (
     DEFAULT_ATOL_SCALE,
     ParityFailed,
     Tolerance,
@@ -24,22 +27,8 @@ from graphs.validate import (
     read_real_rows,
     validate_tower,
 )
-from toolkit import __version__
-from toolkit.checkpoint import save_checkpoint
-from toolkit.errors import DcncError
-from toolkit.loading import LoadedModel, LoadedTower, load_model
-from toolkit.signature import TensorSpec, random_inputs
-
-
-def _load_zoo():
-    # tests/ cannot go on sys.path (its toolkit/ folder would shadow the package): load zoo.py by path
-    spec = importlib.util.spec_from_file_location("zoo", Path(__file__).resolve().parent.parent / "zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-zoo = _load_zoo()
+from toolkit.model.checkpoint import save_checkpoint
+from toolkit.model.loading import LoadedModel, LoadedTower, load_model
 
 # What each family's towers return per sample: output name -> shape after the batch axis.
 FAMILY_OUTPUTS = {
@@ -327,7 +316,7 @@ def test_a_tower_the_exporter_cannot_handle_is_refused_leaving_nothing_written(t
     assert listing(tmp_path) == []
 
 
-# ---- graphs.validate: the judgement itself
+# ---- toolkit.evaluate.validate: the judgement itself
 
 
 def test_default_tolerance_scales_with_the_output():

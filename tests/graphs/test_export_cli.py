@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import cli
 from graphs.passes.manager import DEFAULT_PASSES, GPU_PASSES, PASSES
-from toolkit.checkpoint import read_checkpoint
+from toolkit.model.checkpoint import read_checkpoint
 
 USER_CODE = Path(__file__).parents[1] / "usercode.py"
 SCORER_INPUTS = ["--input", "dense:float32:B,4", "--input", "ids:int64:B:10"]

@@ -13,8 +13,14 @@ from tower_graphs import module_graph, run, zoo_feeds, zoo_graph
 
 from graphs.branches import ConcurrencyBroken, analyze
 from graphs.passes import manager
-from graphs.passes.manager import DEFAULT_PASSES, PASSES, attach_records, resolve_passes, run_passes
-from toolkit.errors import DcncError
+from graphs.passes.manager import (
+    DEFAULT_PASSES,
+    PASSES,
+    attach_records,
+    resolve_passes,
+    run_passes,
+)
+from toolkit.core.errors import DcncError
 
 FAMILIES = ["retrieval", "ranking", "projection"]
 KINDS = [("ranking", "mixture"), ("ranking", "v1"), ("ranking", "low_rank")]

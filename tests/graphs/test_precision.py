@@ -14,10 +14,10 @@ from tower_graphs import cosine_min, module_graph, run, zoo_feeds, zoo_graph
 from graphs.branches import analyze
 from graphs.emulation import emulate_half, half_type_of, run_emulated
 from graphs.precision import lower_half
-from toolkit.errors import DcncError
-from toolkit.models.families import RetrievalTower
-from toolkit.signature import random_inputs
-from toolkit.spec import CrossSpec, DenseFeature, TowerSpec
+from toolkit.core.errors import DcncError
+from toolkit.core.signature import random_inputs
+from toolkit.model.spec import CrossSpec, DenseFeature, TowerSpec
+from toolkit.model.zoo.families import RetrievalTower
 
 INPUT_SCALE = 3.0
 

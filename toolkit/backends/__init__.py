@@ -11,7 +11,7 @@ BACKENDS = ("ort", "ort-cuda", "tensorrt")
 
 def require_backend(backend: str) -> None:
     """Raise DcncError saying which package or device is missing (and how to get it) if `backend` cannot run here."""
-    from toolkit.errors import DcncError
+    from toolkit.core.errors import DcncError
 
     if backend == "ort":
         from toolkit.backends.ort.loader import require_onnxruntime

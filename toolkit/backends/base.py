@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toolkit.errors import DcncError
+from toolkit.core.errors import DcncError
 
 
 @dataclass(frozen=True)

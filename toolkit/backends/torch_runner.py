@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from toolkit.backends.base import InputMeta, Runner
-from toolkit.errors import DcncError
+from toolkit.core.errors import DcncError
 
 
 class TorchRunner(Runner):
@@ -55,7 +55,7 @@ class TorchRunner(Runner):
 
 def torch_runners(checkpoint: str | Path, device: str = "cpu") -> dict[str, TorchRunner]:
     """One TorchRunner per tower of the model in a dcnc checkpoint, named `torch:<tower>`."""
-    from toolkit.checkpoint import load_checkpoint
+    from toolkit.model.checkpoint import load_checkpoint
 
     model, _, _ = load_checkpoint(checkpoint)
     return {name: TorchRunner(tower, device, name=f"torch:{name}") for name, tower in model.towers().items()}

@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from toolkit.errors import DcncError, first_line
+from toolkit.core.errors import DcncError, first_line
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 CUDA_PROVIDER = "CUDAExecutionProvider"

@@ -8,7 +8,7 @@ import numpy as np
 
 from toolkit.backends.base import InputMeta, Runner
 from toolkit.backends.ort.loader import CUDA_PROVIDER, SessionFromOnnx
-from toolkit.errors import DcncError
+from toolkit.core.errors import DcncError
 
 # ONNX Runtime's type strings -> numpy dtypes, for the inputs dcnc towers take.
 ORT_TYPES = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from toolkit.errors import DcncError
+from toolkit.core.errors import DcncError
 
 HARDWARE_COMPAT = {
     "none": "NONE",

@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from toolkit.backends.tensorrt.config import TrtOptions, create_config, optimization_profile
-from toolkit.errors import DcncError, first_line
-from toolkit.fileio import atomic_write_text
+from toolkit.backends.tensorrt.config import (
+    TrtOptions,
+    create_config,
+    optimization_profile,
+)
+from toolkit.core.errors import DcncError, first_line
+from toolkit.core.fileio import atomic_write_text
 
 SUPPORTED_MAJORS = (10, 11)
 

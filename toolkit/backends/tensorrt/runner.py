@@ -11,7 +11,7 @@ from collections import OrderedDict
 import numpy as np
 
 from toolkit.backends.base import InputMeta, Runner
-from toolkit.errors import DcncError
+from toolkit.core.errors import DcncError
 
 
 def _torch_dtype(dtype: np.dtype):

@@ -1,0 +1,84 @@
+"""Tower graphs for the calibration tests: tests/zoo.py towers exported through graphs.export and the default
+passes (canonical node names, as `dcnc export` writes them), plus a two-tower trained for a few seconds."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import onnx
+import zoo
+
+from graphs.export import tower_to_onnx
+from graphs.passes.manager import run_passes
+from toolkit.model.loading import LoadedTower
+
+
+def _loaded(name: str, module) -> LoadedTower:
+    return LoadedTower(name, module.eval(), list(module.input_specs), list(module.output_names))
+
+
+@functools.cache
+def _tower_bytes(family: str, kind: str) -> bytes:
+    model, _ = zoo.zoo_model(family, kind)
+    name = {"retrieval": "query", "ranking": "ranker", "projection": "engagement"}[family]
+    exported = tower_to_onnx(_loaded(name, model.towers()[name]))
+    return run_passes(exported)[0].SerializeToString()
+
+
+def tower_graph(family: str = "retrieval", kind: str = "full") -> onnx.ModelProto:
+    """A fresh copy of a zoo tower's FP32 graph after the default passes (retrieval: the query tower)."""
+    return onnx.load_from_string(_tower_bytes(family, kind))
+
+
+def random_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Valid random inputs for the graph: ids in [0, 4) (every zoo table has at least 7 rows), floats N(0, 1)."""
+    from calibration.reader import graph_input_specs
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in graph_input_specs(model):
+        shape = spec.concrete_shape(batch)
+        if spec.dtype.startswith("int"):
+            feeds[spec.name] = rng.integers(0, 4, size=shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return feeds
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def optimized_op_types(model: onnx.ModelProto, folder: Path) -> list[str]:
+    """The op types of the graph onnxruntime's CPU provider actually runs (after its fusions)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(folder / "optimized.onnx").graph.node]
+
+
+@functools.cache
+def trained_two_tower(folder: str) -> dict:
+    """The example two-tower trained for one epoch on the synthetic dataset (about 6 s), with its FP32 tower
+    graphs, calibration and eval arrays. Cached per folder so a session trains it once."""
+    from toolkit.example.data import load_dataset
+    from toolkit.example.train import TrainConfig, train_two_tower
+    from toolkit.model.checkpoint import load_checkpoint
+
+    data = load_dataset("synthetic", seed=0)
+    result = train_two_tower(data, folder, config=TrainConfig(epochs=1, batch_size=1024, lr=1e-2), quiet=True)
+    model, _, _ = load_checkpoint(result["checkpoint"])
+    graphs = {name: run_passes(tower_to_onnx(_loaded(name, tower)))[0] for name, tower in model.towers().items()}
+    return {
+        "graphs": {name: g.SerializeToString() for name, g in graphs.items()},
+        "calib": result["calib_data"],
+        "eval": dict(np.load(result["eval_data"])),
+    }

@@ -1,0 +1,366 @@
+"""`dcnc build`: lower exported tower graphs to a precision and build them into one bundle for a backend.
+
+Every argument is checked before anything is written; the bundle is assembled in a temporary directory beside
+the output and renamed into place only when complete, so a failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from toolkit.backends import BACKENDS, require_backend
+from toolkit.backends.bundle import (
+    MANIFEST,
+    Manifest,
+    TowerEntry,
+    device_identity,
+    installed_versions,
+    write_manifest,
+)
+from toolkit.core.errors import DcncError, first_line
+from toolkit.core.fileio import atomic_dir, sha256_file, sha256_tree
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+DEFAULT_BATCH = (1, 256, 4096)
+TIMING_CACHE = "timing.cache"
+# Beyond this the protobuf cannot be serialized in one piece, so weights go to an external data file.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """`MIN:OPT:MAX` (or one `N` for a fixed batch) -> (min, opt, max), with 1 <= min <= opt <= max."""
+    parts = text.split(":")
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise DcncError(f"--batch {text!r}: expected MIN:OPT:MAX positive integers, e.g. 1:256:4096")
+    low, opt, high = (int(p) for p in parts)
+    if not 1 <= low <= opt <= high:
+        raise DcncError(f"--batch {text!r}: needs 1 <= MIN <= OPT <= MAX")
+    return low, opt, high
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """How `dcnc build` decides a tower's precision in its ONNX (DESIGN.md decision 1).
+
+    fp32: the exported graph as is. fp16 / bf16: graphs.precision.lower_half, whose FP32 block list comes from
+    the calibration data when there is some (else its conservative default: cross branch and head FP32).
+    int8: Q/DQ from calibration (required) for `target` ("cpu": U8S8 for ONNX Runtime, "tensorrt": symmetric),
+    with `calib_method` ranges; `keep_fp32` names nodes left in float (e.g. from `dcnc calibrate --eval`).
+    """
+
+    precision: str
+    target: str = "cpu"
+    calib_method: str = "minmax"
+    calib_samples: int | None = None
+    seed: int = 0
+    keep_fp32: tuple[str, ...] = ()
+
+    def check(self, calib: str | Path | None) -> None:
+        """Refuse option combinations that mean nothing, before anything is read or written."""
+        if self.precision not in PRECISIONS:
+            raise DcncError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.precision == "int8" and calib is None:
+            raise DcncError("--precision int8 needs calibration data: pass --calib DATA")
+        if calib is not None and self.precision == "fp32":
+            raise DcncError("--calib is used by --precision fp16, bf16 and int8, not fp32")
+        if self.precision != "int8" and (self.keep_fp32 or self.calib_method != "minmax"):
+            raise DcncError("--calib-method and --keep-fp32 apply to --precision int8 only")
+        if self.precision == "int8":
+            from calibration.qdq import check_target
+            from calibration.ranges import check_method
+
+            check_target(self.target)
+            check_method(self.calib_method)
+
+    def __call__(self, model, calib: str | Path | None):
+        """(lowered model, record of what the lowering did, or None for fp32)."""
+        if self.precision == "fp32":
+            return model, None
+        if self.precision == "int8":
+            from toolkit.commands.calibrate import lower_int8
+
+            keep = [n for n in self.keep_fp32 if n in {node.name for node in model.graph.node}]
+            return lower_int8(model, calib, self.target, self.calib_method, self.calib_samples, self.seed, keep)
+        from graphs.precision import lower_half
+
+        feeds = None
+        if calib is not None:
+            from calibration.reader import graph_input_specs, load_calibration
+            from toolkit.commands.calibrate import calibration_for_graph
+
+            specs = graph_input_specs(model)
+            data = load_calibration(calibration_for_graph(calib, specs), specs, self.calib_samples, self.seed)
+            feeds = list(data.batches())
+        lowered, record = lower_half(model, self.precision, feeds)
+        return lowered, record.to_dict()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_towers(model: Path) -> dict[str, Path]:
+    """Tower name -> ONNX file: one `.onnx` file is one tower named by its stem; a directory holds `<tower>.onnx`."""
+    if not model.exists():
+        raise DcncError(f"{model}: not found (expected an ONNX file or a directory of <tower>.onnx)")
+    if model.is_file():
+        if model.suffix != ".onnx":
+            raise DcncError(f"{model}: expected a .onnx file or a directory of them")
+        return {model.stem: model}
+    towers = {p.stem: p for p in sorted(model.glob("*.onnx"))}
+    if not towers:
+        raise DcncError(f"{model}: directory holds no <tower>.onnx files")
+    return towers
+
+
+def source_sha256(path: Path) -> str:
+    """Hash of an ONNX file together with the external data files its initializers point to."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    digest = hashlib.sha256(sha256_file(path).encode())
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable: _load_onnx reports it; the file's own hash still identifies it
+        return digest.hexdigest()
+    locations = sorted(
+        {e.value for t in model.graph.initializer if uses_external_data(t) for e in t.external_data if e.key == "location"}
+    )
+    for location in locations:
+        data = path.parent / location
+        if data.is_file():
+            digest.update(location.encode() + b"\0" + sha256_file(data).encode())
+    return digest.hexdigest()
+
+
+def _check_output(out: Path, force: bool) -> None:
+    """Refuse an existing output without --force, and an output whose nearest existing folder is not writable."""
+    if out.exists() and not force:
+        raise DcncError(f"{out}: already exists (pass --force to rebuild it)")
+    if out.exists() and not out.is_dir():
+        raise DcncError(f"{out}: exists and is not a bundle directory; remove it or choose another output")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise DcncError(f"{out}: cannot write there (folder {parent} is not writable)")
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as err:  # onnx raises DecodeError, ValidationError, OSError, ...
+        first = first_line(err)
+        raise DcncError(f"{path}: not a valid ONNX model ({first})") from None
+    return model
+
+
+def _tensor_entries(values) -> list[dict]:
+    """{name, dtype, shape} for ONNX graph inputs/outputs; dynamic dims keep their names (e.g. "batch")."""
+    import numpy as np
+    from onnx import helper
+
+    entries = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+        entries.append({"name": value.name, "dtype": dtype, "shape": shape})
+    return entries
+
+
+def _save_onnx(model, path: Path) -> None:
+    import onnx
+
+    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save_model(model, str(path))
+
+
+def build_bundle(
+    model: str | Path,
+    out: str | Path,
+    backend: str = "ort",
+    precision: str = "fp32",
+    calib: str | Path | None = None,
+    batch: tuple[int, int, int] = DEFAULT_BATCH,
+    force: bool = False,
+    ort_options=None,
+    trt_options=None,
+    save_optimized: bool = False,
+    timing_cache: str | Path | None = None,
+    int8_target: str | None = None,
+    calib_method: str = "minmax",
+    calib_samples: int | None = None,
+    keep_fp32: tuple[str, ...] = (),
+) -> Manifest:
+    """Build `model` (an ONNX file or a directory of `<tower>.onnx`) into the bundle directory `out`.
+
+    Args:
+        backend: "ort" (CPU), "ort-cuda" or "tensorrt".
+        precision: "fp32", "fp16", "bf16" or "int8" (int8 needs `calib`); decided in the ONNX by its lowering.
+        calib: calibration data (file, folder of per-tower .npz or shards, dataset:NAME) for int8, and for
+            fp16/bf16 to choose from measured activations which nodes stay FP32.
+        batch: (min, opt, max) batch profile; TensorRT builds for it, every runner refuses batches outside it.
+        force: replace an existing `out`.
+        ort_options: OrtOptions for ort / ort-cuda (default OrtOptions()).
+        trt_options: TrtOptions for tensorrt (default TrtOptions()).
+        save_optimized: also save ORT's optimised graph per tower (faster to load; tied to this ORT and CPU).
+        timing_cache: a TensorRT timing cache kept across builds (default: one inside the bundle).
+        int8_target: "cpu" or "tensorrt" Q/DQ formats (default: tensorrt for the tensorrt backend, else cpu).
+        calib_method: int8 ranges, "minmax", "entropy" or "percentile". calib_samples: rows drawn (seeded) from
+            the calibration data (default all). keep_fp32: int8 node names left in float.
+
+    Returns the manifest written to `out/manifest.json`.
+    """
+    from toolkit.backends.ort.loader import OrtOptions
+    from toolkit.backends.tensorrt.config import TrtOptions
+
+    model, out = Path(model), Path(out)
+    if backend not in BACKENDS:
+        raise DcncError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if int8_target is not None and precision != "int8":
+        raise DcncError("--int8-target applies to --precision int8 only")
+    target = int8_target or ("tensorrt" if backend == "tensorrt" and precision == "int8" else "cpu")
+    lower = Lowering(precision, target, calib_method, calib_samples, keep_fp32=tuple(keep_fp32))
+    lower.check(calib)
+    if calib is not None and not str(calib).startswith("dataset:") and not Path(calib).exists():
+        raise DcncError(f"--calib {calib}: not found")
+    if precision == "bf16" and backend == "ort":
+        raise DcncError("--precision bf16 needs a GPU backend (tensorrt or ort-cuda): ONNX Runtime's CPU provider has no bfloat16 Gemm")
+    if save_optimized and backend == "tensorrt":
+        raise DcncError("--save-optimized is an ONNX Runtime option; TensorRT bundles always hold an engine")
+    if timing_cache is not None and backend != "tensorrt":
+        raise DcncError("--timing-cache is a TensorRT option (use it with --backend tensorrt)")
+    if ort_options is not None and ort_options.cuda_graph and backend == "ort":
+        raise DcncError("--cuda-graph needs a GPU backend (ort-cuda or tensorrt), not ort")
+    towers = find_towers(model)
+    require_backend(backend)
+    _check_output(out, force)
+    ort_options = ort_options or OrtOptions()
+    trt_options = trt_options or TrtOptions()
+
+    options = {
+        "backend": backend,
+        "precision": precision,
+        "calib": str(calib) if calib is not None else None,
+        "batch": list(batch),
+        "save_optimized": save_optimized,
+        "timing_cache": str(timing_cache) if timing_cache is not None else None,
+    }
+    if backend == "tensorrt":
+        options["tensorrt"] = trt_options.to_dict()
+    else:
+        options["ort"] = ort_options.to_dict()
+    device_id = trt_options.device_id if backend == "tensorrt" else ort_options.device_id
+    manifest = Manifest(
+        backend=backend,
+        precision=precision,
+        batch={"min": batch[0], "opt": batch[1], "max": batch[2]},
+        versions=installed_versions(backend),
+        device=device_identity(backend, device_id),
+        options=options,
+        inputs={
+            "model": {"path": str(model), "sha256": {t: source_sha256(p) for t, p in towers.items()}},
+            "calib": _calib_identity(calib),
+            "lowering": lower.to_dict(),
+        },
+        towers={},
+    )
+    portable: dict[str, bool] = {}
+    with atomic_dir(out, force=force) as tmp:
+        if backend == "tensorrt":
+            cache = _prepare_timing_cache(tmp, out, timing_cache, trt_options, manifest)
+        for tower, source in towers.items():
+            lowered, record = lower(_load_onnx(source), calib)
+            onnx_rel = f"{tower}.onnx"
+            _save_onnx(lowered, tmp / onnx_rel)
+            entry = TowerEntry(
+                onnx=onnx_rel,
+                inputs=_tensor_entries(i for i in lowered.graph.input if i.name not in {w.name for w in lowered.graph.initializer}),
+                outputs=_tensor_entries(lowered.graph.output),
+                source_sha256=manifest.inputs["model"]["sha256"][tower],
+                lowering=record,
+            )
+            if backend == "tensorrt":
+                from toolkit.backends.tensorrt.loader import build_engine
+
+                entry.engine = f"{tower}.engine"
+                entry.engine_info = build_engine(tmp / onnx_rel, tmp / entry.engine, entry.inputs, batch, trt_options, cache)
+                portable[entry.engine] = False
+            else:
+                _check_ort_session(tmp, entry, tower, backend, ort_options, save_optimized, portable)
+            manifest.towers[tower] = entry
+        _check_kept_nodes(lower, manifest)
+        if backend == "tensorrt":
+            _finish_timing_cache(tmp, cache, timing_cache, portable)
+        write_manifest(tmp, manifest, portable)
+    return manifest
+
+
+def _calib_identity(calib) -> dict | None:
+    if calib is None:
+        return None
+    if str(calib).startswith("dataset:"):  # generated deterministically from the named dataset
+        return {"path": str(calib), "sha256": None}
+    return {"path": str(calib), "sha256": sha256_tree(Path(calib))}
+
+
+def _check_kept_nodes(lower: Lowering, manifest: Manifest) -> None:
+    """Every --keep-fp32 name must be a node of some tower (each tower keeps those it has)."""
+    kept = {n for entry in manifest.towers.values() for n in (entry.lowering or {}).get("kept_fp32", [])}
+    missing = [n for n in lower.keep_fp32 if n not in kept]
+    if missing:
+        raise DcncError(f"--keep-fp32 {missing[0]!r}: no tower graph has a node of that name")
+
+
+def _check_ort_session(tmp: Path, entry: TowerEntry, tower: str, backend: str, options, save_optimized: bool, portable: dict) -> None:
+    """Open the lowered graph in ONNX Runtime (so a bundle that cannot load is never written), saving ORT's
+    optimised graph when asked."""
+    from toolkit.backends.ort.loader import save_optimized_graph, session_from_onnx
+
+    if save_optimized:
+        entry.optimized_onnx = f"{tower}.ort-optimized.onnx"
+        save_optimized_graph(tmp / entry.onnx, tmp / entry.optimized_onnx, backend, options)
+        portable[entry.optimized_onnx] = False
+    else:
+        session_from_onnx(tmp / entry.onnx, backend, options)
+
+
+def _prepare_timing_cache(tmp: Path, out: Path, timing_cache, trt_options, manifest: Manifest) -> Path:
+    """The timing cache this build reads and extends: the user's persistent one, or the bundle's own (carried
+    over from the bundle being rebuilt). Its key is checked; a mismatch starts a fresh cache."""
+    from toolkit.backends.tensorrt.loader import prepare_timing_cache, timing_cache_key
+
+    key = timing_cache_key(trt_options.device_id)
+    if timing_cache is not None:
+        cache = Path(timing_cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        cache = tmp / TIMING_CACHE
+        if (out / MANIFEST).is_file():  # rebuilding a bundle: start from its cache (and key) if it has one
+            for name in (TIMING_CACHE, TIMING_CACHE + ".key.json"):
+                if (out / name).is_file():
+                    shutil.copyfile(out / name, tmp / name)
+    manifest.caches["timing_cache"] = {"key": key, "outcome": prepare_timing_cache(cache, key)}
+    return cache
+
+
+def _finish_timing_cache(tmp: Path, cache: Path, timing_cache, portable: dict) -> None:
+    """Keep a copy of the timing cache in the bundle (so `build --force` starts warm) and drop polygraphy's lock."""
+    cache.with_name(cache.name + ".lock").unlink(missing_ok=True)
+    if timing_cache is not None and cache.is_file():
+        shutil.copyfile(cache, tmp / TIMING_CACHE)
+        shutil.copyfile(cache.with_name(cache.name + ".key.json"), tmp / (TIMING_CACHE + ".key.json"))
+    for name in (TIMING_CACHE, TIMING_CACHE + ".key.json"):
+        portable[name] = False

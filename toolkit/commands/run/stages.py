@@ -1,0 +1,303 @@
+"""`dcnc run`: the stages of a pipeline in order, train-if-needed -> export -> build -> verify, each skipped
+while its stamp (toolkit.commands.run.stamps) says it is current; returns the run summary (schema dcnc.run/1).
+
+Output folder, per model:
+
+    <out>/<model>/train/                   an example model's checkpoint, eval and calibration files
+    <out>/<model>/export/  export.stamp.json      one <tower>.onnx per tower
+    <out>/<model>/calib/                   the model's per-tower calibration files, when it has several
+    <out>/<model>/<target>/bundle/  build.stamp.json
+    <out>/<model>/<target>/report.json, report.md, junit.xml  verify.stamp.json
+    <out>/summary.json, <out>/report.html
+
+Every gate of every target is decided before the run ends: a failing target does not stop the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from toolkit import __version__
+from toolkit.commands.run.pipeline import (
+    EXAMPLE_MODELS,
+    ModelJob,
+    Pipeline,
+    Target,
+    describe,
+)
+from toolkit.commands.run.stamps import Stage, content_hash
+from toolkit.core.errors import DcncError
+from toolkit.core.fileio import atomic_dir, atomic_write_text
+from toolkit.report.runsummary import target_summary
+
+SCHEMA = "dcnc.run/1"
+SUMMARY = "summary.json"
+HTML_REPORT = "report.html"
+REPORT_FILES = {"report": "report.json", "markdown": "report.md", "junit": "junit.xml"}
+
+Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    """Progress sink of a quiet run."""
+
+
+def _timed(say: Say, label: str, stage: Stage, force: bool, work: Callable[[], None], done: str = "built"
+           ) -> tuple[str, dict[str, str]]:
+    """Run `work` unless `stage` is current (and not forced); (`done` or "current", the output hashes)."""
+    recorded = None if force else stage.current()
+    if recorded is not None:
+        say(f"{label}: current")
+        return "current", recorded
+    stage.invalidate()
+    say(f"{label}: running")
+    started = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - started
+    say(f"{label}: done in {seconds:.1f} s")
+    return done, stage.record(seconds)
+
+
+# --- model source -----------------------------------------------------------------------------------------------
+def _source(job: ModelJob, folder: Path, quiet: bool, say: Say) -> tuple[str, str]:
+    """The checkpoint / .pt2 / factory to load, and the train outcome ("trained", "current" or "none").
+    An example is trained into <model>/train/ (toolkit.example.train.ensure_examples keeps it while its key matches)."""
+    if job.example is None:
+        return job.source, "none"
+    from toolkit.example.train import ensure_examples
+
+    family = EXAMPLE_MODELS[job.example]
+    say(f"{job.name} train: checking {folder / 'train'}")
+    started = time.perf_counter()
+    result = ensure_examples(folder / "train", job.dataset, None, (family,), job.epochs, job.seed, quiet)[family]
+    if result["trained"]:
+        say(f"{job.name} train: done in {time.perf_counter() - started:.1f} s")
+        return result["checkpoint"], "trained"
+    say(f"{job.name} train: current")
+    return result["checkpoint"], "current"
+
+
+def checkpoint_calibration(source: str) -> dict[str, Path]:
+    """Tower -> calibration file that a dcnc checkpoint names in its `extra.calib_data` (empty if none)."""
+    from toolkit.model.checkpoint import read_checkpoint
+
+    path = Path(source)
+    if path.suffix not in (".pt", ".pth") or not path.is_file():
+        return {}
+    extra = read_checkpoint(path).get("extra", {})
+    named = extra.get("calib_data", {}) if isinstance(extra, dict) else {}
+    files = {tower: path.parent / name for tower, name in named.items() if isinstance(name, str)}
+    return {tower: file for tower, file in files.items() if file.is_file()}
+
+
+def _model_calibration(job: ModelJob, source: str, folder: Path) -> Path | None:
+    """The calibration data targets use by default: the model's `calib`, else the checkpoint's files (one
+    file as is; several copied into <model>/calib/<tower>_calib.npz, a folder build_bundle reads per tower)."""
+    if job.calib is not None:
+        return job.calib
+    files = checkpoint_calibration(source)
+    if len(files) <= 1:
+        return next(iter(files.values()), None)
+    calib = folder / "calib"
+    wanted = {f"{tower}_calib.npz": file for tower, file in files.items()}
+    current = calib.is_dir() and sorted(p.name for p in calib.iterdir()) == sorted(wanted) and all(
+        content_hash(calib / name) == content_hash(file) for name, file in wanted.items()
+    )
+    if not current:
+        with atomic_dir(calib, force=True) as tmp:
+            for name, file in wanted.items():
+                shutil.copyfile(file, tmp / name)
+    return calib
+
+
+# --- stages -----------------------------------------------------------------------------------------------------
+def _export(job: ModelJob, loaded, folder: Path, force: bool, say: Say) -> tuple[str, dict[str, str]]:
+    import onnx
+    import torch
+
+    from graphs.export import export_model
+
+    settings = job.export
+    export_dir = folder / "export"
+    eval_rows = loaded.eval_data if settings.validate and loaded.eval_data is not None else None
+    stage = Stage(f"{job.name}/export", folder / "export.stamp.json", {
+        "source": loaded.source_hash, "kind": loaded.kind, "settings": dataclasses.asdict(settings),
+        "validation_rows": content_hash(eval_rows) if eval_rows is not None else None,
+        "torch": torch.__version__, "onnx": onnx.__version__,
+    }, {"export": export_dir})
+
+    def work() -> None:
+        several = len(loaded.towers) > 1
+        if not several and export_dir.exists():
+            shutil.rmtree(export_dir)  # a single tower is written as a file into the folder: clear leftovers
+        (export_dir.parent if several else export_dir).mkdir(parents=True, exist_ok=True)
+        target = export_dir if several else export_dir / f"{next(iter(loaded.towers))}.onnx"
+        export_model(loaded, target, settings.opset, settings.validate, force=True,
+                     validate_batch=settings.validate_batch, passes=list(settings.passes) or None)
+
+    return _timed(say, f"{job.name} export", stage, force, work)
+
+
+def _build(job: ModelJob, target: Target, export_dir: Path, export_hashes: dict, calib: Path | None,
+           folder: Path, force: bool, say: Say) -> tuple[str, dict[str, str]]:
+    from toolkit.backends.bundle import installed_versions
+    from toolkit.backends.ort.loader import OrtOptions
+    from toolkit.commands.build import build_bundle
+
+    bundle = folder / "bundle"
+    options = {k: v for k, v in dataclasses.asdict(target).items() if k not in ("name", "gates", "calib")}
+    stage = Stage(f"{job.name}/{target.name}/build", folder / "build.stamp.json", {
+        "export": export_hashes, "options": options,
+        "calib": content_hash(calib) if calib is not None else None,  # content, not path: an out folder may move
+        "versions": installed_versions(target.backend),
+    }, {"bundle": bundle})
+
+    def work() -> None:
+        extra = {"calib_method": target.calib_method} if target.precision == "int8" else {}
+        if target.calib_samples is not None and calib is not None:
+            extra["calib_samples"] = target.calib_samples
+        build_bundle(export_dir, bundle, backend=target.backend, precision=target.precision, calib=calib,
+                     batch=target.batch, force=True, ort_options=OrtOptions(threads=target.threads), **extra)
+
+    return _timed(say, f"{job.name}/{target.name} build", stage, force, work)
+
+
+def _verify(job: ModelJob, target: Target, source: str, source_hash: str, data: Path, build_hashes: dict,
+            folder: Path, force: bool, say: Say) -> tuple[str, dict[str, Any]]:
+    from toolkit.evaluate.verify import VerifyOptions, verify
+    from toolkit.report import verify as reports
+
+    settings = job.verify
+    gates = {**settings.gates, **target.gates}
+    options = VerifyOptions(ks=settings.ks, batch_sizes=settings.batch_sizes, iterations=settings.iterations,
+                            warmup=settings.warmup, latency=settings.latency)
+    paths = {name: folder / file for name, file in REPORT_FILES.items()}
+    stage = Stage(f"{job.name}/{target.name}/verify", folder / "verify.stamp.json", {
+        "bundle": build_hashes, "reference": source_hash, "data": content_hash(data),
+        "options": dataclasses.asdict(options), "branches": settings.branches, "gates": gates,
+        "device": target.device,
+    }, paths)
+
+    def work() -> None:
+        result = verify(source, folder / "bundle", data, target.device, options, None, gates, None,
+                        settings.branches)
+        reports.write_json(result, paths["report"])
+        reports.write_markdown(result, paths["markdown"])
+        reports.write_junit(result, paths["junit"])
+
+    outcome, _ = _timed(say, f"{job.name}/{target.name} verify", stage, force, work, done="verified")
+    report = json.loads(paths["report"].read_text())
+    say(f"{job.name}/{target.name}: {'PASS' if report['passed'] else 'FAIL'}")
+    return outcome, report
+
+
+# --- one model, the whole run -----------------------------------------------------------------------------------
+def _check_targets(job: ModelJob, where: str) -> None:
+    """Refuse, before any work, a target whose backend cannot run on this machine."""
+    from toolkit.backends import require_backend
+
+    for target in job.targets:
+        try:
+            require_backend(target.backend)
+        except DcncError as err:
+            raise DcncError(f"{where}: model {job.name}, target {target.name}: {err}") from None
+
+
+def _run_model(job: ModelJob, out: Path, force: bool, quiet: bool, say: Say, where: str
+               ) -> tuple[dict, list[dict], dict[str, dict]]:
+    """The model's summary entry, its targets' summary entries, and their verify reports by "model/target"."""
+    from toolkit.evaluate.validate import ParityFailed
+    from toolkit.model.loading import load_model
+
+    folder = out / job.name
+    source, trained = _source(job, folder, quiet, say)
+    loaded = load_model(source)
+    data = job.verify.data or loaded.eval_data
+    if data is None:
+        raise DcncError(f"{where}: model {job.name}: {source} names no evaluation data; set verify.data")
+    default_calib = None
+    if any(t.precision != "fp32" and t.calib is None for t in job.targets):
+        default_calib = _model_calibration(job, source, folder)
+    calibs = {t.name: t.calib or (default_calib if t.precision != "fp32" else None) for t in job.targets}
+    for target in job.targets:
+        if target.precision == "int8" and calibs[target.name] is None:
+            raise DcncError(f"{where}: model {job.name}, target {target.name}: int8 needs calibration data and"
+                            f" {source} names none; set calib")
+    model_entry: dict[str, Any] = {"name": job.name, "source": source, "stages": {"train": trained}}
+    try:
+        outcome, export_hashes = _export(job, loaded, folder, force, say)
+    except ParityFailed as failed:  # the ONNX differs from torch: no target of this model can pass
+        model_entry["stages"]["export"] = "failed"
+        model_entry["error"] = f"export validation failed: {str(failed).splitlines()[0]}"
+        say(f"{job.name} export: FAILED ({model_entry['error']})")
+        return model_entry, [_failed_target(job, t, model_entry["error"]) for t in job.targets], {}
+    model_entry["stages"]["export"] = outcome
+    model_entry["export"] = str(folder / "export")
+    entries, reports = [], {}
+    for target in job.targets:
+        tdir = folder / target.name
+        calib = calibs[target.name]
+        built, build_hashes = _build(job, target, folder / "export", export_hashes, calib, tdir, force, say)
+        verified, report = _verify(job, target, source, loaded.source_hash, Path(data), build_hashes, tdir, force, say)
+        paths = {"bundle": str(tdir / "bundle"), **{k: str(tdir / f) for k, f in REPORT_FILES.items()}}
+        entries.append(target_summary(job.name, target, report, {"build": built, "verify": verified}, paths))
+        reports[f"{job.name}/{target.name}"] = report
+    return model_entry, entries, reports
+
+
+def _failed_target(job: ModelJob, target: Target, error: str) -> dict[str, Any]:
+    return {"model": job.name, "target": target.name, "backend": target.backend, "precision": target.precision,
+            "passed": False, "error": error, "stages": {"build": "skipped", "verify": "skipped"},
+            "parity": None, "quality": None, "latency": None,
+            "failed_gates": [], "gates": {"passed": 0, "total": 0}, "paths": {}}
+
+
+def run_pipeline(pipeline: Pipeline, out: str | Path, force: bool = False, quiet: bool = False,
+                 say: Say | None = None) -> dict[str, Any]:
+    """Run every stage of every model of `pipeline` into the folder `out`; the summary (also written to
+    <out>/summary.json, and every target's report to <out>/report.html).
+
+    force: redo every stage, current or not. quiet: no training progress bars. say: progress lines (stages
+    started, done, current, each target's verdict). Raises DcncError for bad input before or during a stage
+    (exit 2); gate failures are in the summary (`passed`), never raised.
+    """
+    say = say or _quiet
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DcncError(f"--out {out}: exists and is not a folder")
+    for job in pipeline.models:
+        _check_targets(job, pipeline.label)
+    started = time.perf_counter()
+    models, targets, reports = [], [], {}
+    for job in pipeline.models:
+        entry, entries, model_reports = _run_model(job, out, force, quiet, say, pipeline.label)
+        models.append(entry)
+        targets.extend(entries)
+        reports.update(model_reports)
+    summary = {
+        "schema": SCHEMA,
+        "passed": all(t["passed"] for t in targets),
+        "pipeline": describe(pipeline),
+        "out": str(out),
+        "dcnc": __version__,
+        "models": models,
+        "targets": targets,
+        "html_report": _write_html(reports, out / HTML_REPORT, f"dcnc run: {pipeline.label}"),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary
+
+
+def _write_html(reports: dict[str, dict], path: Path, title: str) -> str:
+    """<out>/report.html: every target's verify report on one page; its path."""
+    from toolkit.report.html import write_html
+
+    write_html(reports, path, title)
+    return str(path)

@@ -1,0 +1,145 @@
+"""Evaluation data for `dcnc verify`: loading and checking the retrieval and ranking .npz formats.
+
+Retrieval (a two-tower model, towers "query" and "item"):
+    query/<input>  one row per query, for each query-tower input
+    item/<input>   the whole item corpus, for each item-tower input
+    relevance      int64 [P, 2]: (query row, item row) pairs that count as hits for recall@K
+
+Ranking (one tower):
+    <input>        for each tower input
+    label          0/1 labels [N] for the tower's first output (a logit)
+    label/<output> 0/1 labels [N] for a named output (one per task of a multi-task tower)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.core.errors import DcncError
+from toolkit.core.npz import check_feeds, load_npz
+from toolkit.core.signature import TensorSpec
+
+RETRIEVAL_TOWERS = ("query", "item")
+
+
+@dataclass
+class RetrievalEval:
+    """Query inputs, the item corpus, and the relevant (query row, item row) pairs."""
+
+    queries: dict[str, np.ndarray]
+    items: dict[str, np.ndarray]
+    relevance: np.ndarray
+
+    @property
+    def num_queries(self) -> int:
+        return len(next(iter(self.queries.values())))
+
+    @property
+    def num_items(self) -> int:
+        return len(next(iter(self.items.values())))
+
+
+@dataclass
+class RankingEval:
+    """Tower inputs and, per scored output, its 0/1 labels."""
+
+    feeds: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+
+    @property
+    def num_rows(self) -> int:
+        return len(next(iter(self.feeds.values())))
+
+
+def is_retrieval(tower_names: list[str] | set[str]) -> bool:
+    return set(tower_names) == set(RETRIEVAL_TOWERS)
+
+
+def load_eval(
+    path: str | Path,
+    input_specs: dict[str, list[TensorSpec]],
+    output_names: dict[str, list[str]],
+) -> RetrievalEval | RankingEval:
+    """Load and check evaluation data for a model whose towers have these inputs and outputs.
+
+    input_specs / output_names: per tower name. Towers {"query", "item"} read the retrieval format, a single
+    tower the ranking format. Any mismatch raises DcncError naming the file, the key and what is wrong.
+    """
+    arrays = load_npz(path)
+    if is_retrieval(input_specs):
+        return retrieval_eval(arrays, input_specs, str(path))
+    if len(input_specs) != 1:
+        raise DcncError(f"{path}: verify needs towers {list(RETRIEVAL_TOWERS)} or a single tower, got {list(input_specs)}")
+    (tower,) = input_specs
+    return ranking_eval(arrays, input_specs[tower], output_names[tower], str(path))
+
+
+def retrieval_eval(
+    arrays: dict[str, np.ndarray], input_specs: dict[str, list[TensorSpec]], where: str
+) -> RetrievalEval:
+    """Split and check the retrieval format (see the module docstring)."""
+    if "relevance" not in arrays:
+        raise DcncError(f"{where}: missing key 'relevance' (int64 [P, 2] of query row, item row)")
+    sides = {}
+    for tower in RETRIEVAL_TOWERS:
+        prefix = f"{tower}/"
+        feeds = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        if not feeds:
+            raise DcncError(f"{where}: no '{prefix}<input>' keys for the {tower} tower")
+        sides[tower] = (feeds, check_feeds(feeds, input_specs[tower], f"{where}: {tower}"))
+    unknown = sorted(k for k in arrays if k != "relevance" and not k.startswith(("query/", "item/")))
+    if unknown:
+        raise DcncError(f"{where}: unexpected key {unknown[0]!r} (expected query/<input>, item/<input>, relevance)")
+    relevance = check_relevance(arrays["relevance"], sides["query"][1], sides["item"][1], where)
+    return RetrievalEval(sides["query"][0], sides["item"][0], relevance)
+
+
+def check_relevance(relevance: np.ndarray, num_queries: int, num_items: int, where: str) -> np.ndarray:
+    """Relevance pairs must be integer [P, 2], P >= 1, rows inside the query and item tables."""
+    if relevance.dtype.kind not in "iu":
+        raise DcncError(f"{where}: 'relevance' has dtype {relevance.dtype}, expected int64")
+    if relevance.ndim != 2 or relevance.shape[1] != 2 or len(relevance) == 0:
+        raise DcncError(f"{where}: 'relevance' has shape {list(relevance.shape)}, expected [P, 2] with P >= 1")
+    for column, (name, rows) in enumerate((("query", num_queries), ("item", num_items))):
+        values = relevance[:, column]
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= rows:
+            bad = low if low < 0 else high
+            raise DcncError(f"{where}: 'relevance' names {name} row {bad}, outside [0, {rows})")
+    return relevance.astype(np.int64)
+
+
+def ranking_eval(
+    arrays: dict[str, np.ndarray], specs: list[TensorSpec], output_names: list[str], where: str
+) -> RankingEval:
+    """Split and check the ranking format (see the module docstring)."""
+    labels = {}
+    for key in [k for k in arrays if k == "label" or k.startswith("label/")]:
+        output = output_names[0] if key == "label" else key[len("label/"):]
+        if output not in output_names:
+            raise DcncError(f"{where}: {key!r} names no output of the tower (outputs: {output_names})")
+        if output in labels:
+            raise DcncError(f"{where}: labels for output {output!r} given twice ('label' and 'label/{output}')")
+        labels[output] = arrays[key]
+    if not labels:
+        raise DcncError(f"{where}: missing key 'label' (0/1 labels [N] for output {output_names[0]!r})")
+    feeds = {k: v for k, v in arrays.items() if not (k == "label" or k.startswith("label/"))}
+    rows = check_feeds(feeds, specs, where)
+    return RankingEval(feeds, {out: check_labels(y, rows, f"{where}: labels of {out!r}") for out, y in labels.items()})
+
+
+def check_labels(labels: np.ndarray, rows: int, where: str) -> np.ndarray:
+    """Labels are [rows] of 0/1 with both classes present (AUC is undefined otherwise)."""
+    if labels.dtype.kind not in "fiub":
+        raise DcncError(f"{where}: dtype {labels.dtype} is not numeric")
+    if labels.shape != (rows,):
+        raise DcncError(f"{where}: shape {list(labels.shape)}, expected [{rows}] (one per input row)")
+    values = labels.astype(np.float64)
+    if not np.isin(values, (0.0, 1.0)).all():
+        raise DcncError(f"{where}: values must be 0 or 1 (found {values[~np.isin(values, (0.0, 1.0))][0]!r})")
+    if values.min() == values.max():
+        raise DcncError(f"{where}: all labels are {int(values[0])}; AUC needs both classes")
+    return values.astype(np.float32)

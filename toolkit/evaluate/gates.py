@@ -1,0 +1,205 @@
+"""Pass/fail gates of `dcnc verify`: default thresholds per precision, a TOML gates file, flag overrides,
+and the latency comparison against a baseline report.
+
+Gates file (every key optional; flags override it, it overrides the precision's defaults):
+
+    precision = "fp16"          # which defaults to start from (else the bundle's precision)
+    [gates]
+    cosine_min = 0.9995         # per output: lowest per-sample cosine similarity, at least
+    rel_l2 = 1e-3               # per output: ||c - r|| / ||r||, at most
+    max_abs = 1e-2              # per output: largest |c - r|, at most
+    recall_ratio = 0.999        # per K: candidate recall@K / reference recall@K, at least
+    agreement = 0.99            # per K: shared share of the two top-K lists, at least
+    auc_diff = 1e-3             # per labelled output: |candidate AUC - reference AUC|, at most
+    logloss_diff = 1e-3         # per labelled output: |candidate - reference log loss|, at most
+    min_speedup = 1.0           # per tower and batch: reference p50 / candidate p50, at least (off by default)
+    latency_tolerance = 0.02    # with --baseline: smallest regression ever flagged (the run's noise may be larger)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from toolkit.core.errors import DcncError
+from toolkit.report.verify import SCHEMA
+
+
+@dataclass
+class Thresholds:
+    """Gate thresholds; None switches a gate off."""
+
+    cosine_min: float | None = 0.9999
+    rel_l2: float | None = 1e-4
+    max_abs: float | None = 1e-3
+    recall_ratio: float | None = 0.999
+    agreement: float | None = 0.999
+    auc_diff: float | None = 1e-4
+    logloss_diff: float | None = 1e-4
+    min_speedup: float | None = None
+    latency_tolerance: float = 0.02
+
+
+DEFAULTS: dict[str, Thresholds] = {
+    # FP32 graphs differ from torch only by summation order: near-identical outputs.
+    "fp32": Thresholds(),
+    # Half precision keeps ~3 significant digits: embeddings keep direction, rankings keep their order.
+    "fp16": Thresholds(cosine_min=0.999, rel_l2=1e-2, max_abs=5e-2, recall_ratio=0.999, agreement=0.99,
+                       auc_diff=1e-3, logloss_diff=1e-3),
+    # INT8 trades accuracy for speed; the quality metrics are what it must keep.
+    "int8": Thresholds(cosine_min=0.99, rel_l2=0.1, max_abs=None, recall_ratio=0.99, agreement=0.9,
+                       auc_diff=5e-3, logloss_diff=1e-2),
+}
+GATE_KEYS = tuple(f.name for f in dataclasses.fields(Thresholds))
+
+
+@dataclass
+class Gate:
+    """One checked condition: `value` compared with `threshold` by `op` (">=" or "<=")."""
+
+    name: str
+    value: float
+    threshold: float
+    op: str
+
+    @property
+    def passed(self) -> bool:
+        if math.isnan(self.value):
+            return False
+        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "threshold": self.threshold, "op": self.op,
+                "passed": self.passed}
+
+
+def load_gates_file(path: str | Path) -> tuple[str | None, dict[str, float]]:
+    """The precision named in a gates file (or None) and its [gates] table, checked for known keys and numbers."""
+    path = Path(path)
+    if not path.is_file():
+        raise DcncError(f"{path}: no such gates file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise DcncError(f"{path}: not valid TOML ({err})") from None
+    unknown = sorted(set(data) - {"precision", "gates"})
+    if unknown:
+        raise DcncError(f"{path}: unknown key {unknown[0]!r} (expected 'precision' and a [gates] table)")
+    precision = data.get("precision")
+    if precision is not None and precision not in DEFAULTS:
+        raise DcncError(f"{path}: precision {precision!r} is not one of {list(DEFAULTS)}")
+    gates = data.get("gates", {})
+    if not isinstance(gates, dict):
+        raise DcncError(f"{path}: 'gates' must be a table")
+    for key, value in gates.items():
+        if key not in GATE_KEYS:
+            raise DcncError(f"{path}: unknown gate {key!r} (known: {list(GATE_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise DcncError(f"{path}: gate {key!r} must be a number, got {value!r}")
+    return precision, {k: float(v) for k, v in gates.items()}
+
+
+def resolve_thresholds(
+    precision: str, gates_file: str | Path | None = None, overrides: dict[str, float | None] | None = None
+) -> Thresholds:
+    """Defaults for `precision` (or the file's), then the file's [gates], then `overrides` (None entries ignored)."""
+    table: dict[str, float] = {}
+    if gates_file is not None:
+        file_precision, table = load_gates_file(gates_file)
+        precision = file_precision or precision
+    if precision not in DEFAULTS:
+        raise DcncError(f"precision {precision!r} has no default gates (known: {list(DEFAULTS)})")
+    settings = {**dataclasses.asdict(DEFAULTS[precision]), **table}
+    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return Thresholds(**settings)
+
+
+def evaluate_gates(
+    thresholds: Thresholds,
+    parity: dict[str, dict[str, Any]],
+    retrieval: dict[str, Any] | None = None,
+    ranking: dict[str, Any] | None = None,
+    latency: dict[str, Any] | None = None,
+) -> list[Gate]:
+    """Every gate the report's sections call for, in report order."""
+    t = thresholds
+    gates = []
+    for output, stats in parity.items():
+        nonfinite = stats["candidate_nan"] + stats["candidate_inf"]
+        gates.append(Gate(f"parity.{output}.nonfinite", float(nonfinite), 0.0, "<="))
+        for key, op in (("cosine_min", ">="), ("rel_l2", "<="), ("max_abs", "<=")):
+            if getattr(t, key) is not None:
+                gates.append(Gate(f"parity.{output}.{key}", stats[key], getattr(t, key), op))
+    if retrieval is not None:
+        resolution = retrieval.get("recall_ratio_resolution", {})
+        for k, ratio in retrieval["recall_ratio"].items():
+            if t.recall_ratio is not None:
+                # Never finer than the evaluation set resolves: a ratio gate of 0.999 over 2000 queries would
+                # fail on a single hit swapped with a near-tie. Agreement@K still checks the lists item by item.
+                threshold = min(t.recall_ratio, 1.0 - resolution.get(k, 0.0))
+                gates.append(Gate(f"retrieval.recall@{k}.ratio", ratio, threshold, ">="))
+        for k, agreement in retrieval["agreement"].items():
+            if t.agreement is not None:
+                gates.append(Gate(f"retrieval.agreement@{k}", agreement, t.agreement, ">="))
+    if ranking is not None:
+        for output, metrics in ranking["outputs"].items():
+            for metric, key in (("auc", "auc_diff"), ("logloss", "logloss_diff")):
+                if getattr(t, key) is not None:
+                    gates.append(Gate(f"ranking.{output}.{key}", abs(metrics[metric]["diff"]), getattr(t, key), "<="))
+    if latency is not None and t.min_speedup is not None:
+        for tower, batches in latency["towers"].items():
+            for batch, entry in batches.items():
+                gates.append(Gate(f"latency.{tower}.b{batch}.speedup", entry["speedup"], t.min_speedup, ">="))
+    return gates
+
+
+def load_baseline(path: str | Path) -> dict[str, Any]:
+    """An earlier verify report (schema dcnc.verify/1) with a latency section."""
+    path = Path(path)
+    if not path.is_file():
+        raise DcncError(f"{path}: no such baseline report")
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DcncError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        raise DcncError(f"{path}: not a verify report (expected \"schema\": \"{SCHEMA}\")")
+    if not isinstance(report.get("latency"), dict) or not report["latency"].get("towers"):
+        raise DcncError(f"{path}: the baseline report has no latency section")
+    return report
+
+
+def _time_ratio(entry: dict[str, Any]) -> float:
+    """Candidate time over reference time (p50): lower is better, and machine-wide slowdowns cancel."""
+    return entry["candidate"]["p50_ms"] / entry["reference"]["p50_ms"]
+
+
+def baseline_gates(latency: dict[str, Any], baseline: dict[str, Any], floor: float, where: str = "baseline") -> list[Gate]:
+    """One gate per tower and batch size measured in both runs: the relative growth of the candidate/reference
+    time ratio since the baseline must not exceed this run's noise (see toolkit.backends.latency), nor `floor`."""
+    gates = []
+    old_towers = baseline["latency"]["towers"]
+    for tower, batches in latency["towers"].items():
+        for batch, entry in batches.items():
+            old = old_towers.get(tower, {}).get(batch)
+            if old is None:
+                continue
+            try:
+                regression = _time_ratio(entry) / _time_ratio(old) - 1.0
+            except (KeyError, TypeError, ZeroDivisionError):
+                raise DcncError(f"{where}: latency of {tower} batch {batch} lacks reference/candidate p50_ms") from None
+            tolerance = max(entry["noise"], floor)
+            gates.append(Gate(f"latency.{tower}.b{batch}.regression", regression, tolerance, "<="))
+    if not gates:
+        raise DcncError(f"{where}: no tower and batch size in common with this run (compare like with like)")
+    return gates

@@ -1,0 +1,280 @@
+"""The verify report and its renderings: JSON (schema dcnc.verify/1), Markdown, JUnit XML, a terminal table.
+
+Files are written atomically. Non-finite numbers (a NaN error statistic, an infinite speedup) are written as
+null in JSON, which has no NaN.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toolkit.core.fileio import atomic_write_text
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from toolkit.evaluate.gates import Gate
+
+SCHEMA = "dcnc.verify/1"
+
+
+@dataclass
+class Report:
+    """Everything verify measured and decided. `passed` is true when every gate passed."""
+
+    reference: str
+    candidate: str
+    precision: str
+    device: str
+    gates: list[Gate]
+    parity: dict[str, dict[str, Any]]
+    retrieval: dict[str, Any] | None = None
+    ranking: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    data: str = ""
+    emulation: str | None = None  # how the candidate's answers were computed, when not by the bundle itself
+    seconds: float = 0.0
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def failed_gates(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """Where the numbers were measured: host, CPU, core count, library versions, the GPU when timing on CUDA."""
+    versions = {}
+    for package in ("numpy", "torch", "onnx", "onnxruntime", "tensorrt", "faiss-cpu"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    info = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN / Inf floats become None, tuples lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    body = {
+        "schema": SCHEMA,
+        "passed": report.passed,
+        "reference": report.reference,
+        "candidate": report.candidate,
+        "precision": report.precision,
+        "device": report.device,
+        "data": report.data,
+        "emulation": report.emulation,
+        "gates": [g.to_json() for g in report.gates],
+        "thresholds": report.thresholds,
+        "parity": report.parity,
+        "latency": report.latency,
+        "seconds": report.seconds,
+        "machine": report.machine,
+    }
+    if report.retrieval is not None:
+        body["retrieval"] = report.retrieval
+    if report.ranking is not None:
+        body["ranking"] = report.ranking
+    return _finite(body)
+
+
+def write_json(report: Report, path: str | Path) -> None:
+    atomic_write_text(path, json.dumps(to_json(report), indent=2, allow_nan=False) + "\n")
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    """A report number for people: `digits` significant digits for floats, "n/a" for None and NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _gate_rows(report: Report) -> list[tuple[str, str, str, str]]:
+    return [(g.name, format_number(g.value, 6), f"{g.op} {format_number(g.threshold, 6)}",
+             "pass" if g.passed else "FAIL") for g in report.gates]
+
+
+def _parity_rows(report: Report) -> list[tuple[str, ...]]:
+    rows = []
+    for output, s in report.parity.items():
+        q = s["error_quantiles"]
+        rows.append((output, format_number(s["max_abs"]), format_number(s["rel_l2"]), format_number(s["cosine_mean"], 8),
+                     format_number(s["cosine_min"], 8), format_number(q["p99"]),
+                     str(s["candidate_nan"] + s["candidate_inf"])))
+    return rows
+
+
+PARITY_HEADER = ("output", "max abs", "rel L2", "cosine mean", "cosine min", "p99 |err|", "NaN/Inf")
+LATENCY_HEADER = ("tower", "batch", "ref p50 ms", "ref p99 ms", "cand p50 ms", "cand p99 ms", "cand samples/s",
+                  "speedup", "noise")
+
+
+def _latency_rows(report: Report) -> list[tuple[str, ...]]:
+    rows = []
+    for tower, batches in (report.latency or {}).get("towers", {}).items():
+        for batch, e in batches.items():
+            rows.append((tower, batch, format_number(e["reference"]["p50_ms"]), format_number(e["reference"]["p99_ms"]),
+                         format_number(e["candidate"]["p50_ms"]), format_number(e["candidate"]["p99_ms"]),
+                         format_number(e["candidate"]["throughput"], 5), f"{format_number(e['speedup'], 3)}x",
+                         f"{100 * e['noise']:.1f}%"))
+    return rows
+
+
+BRANCH_HEADER = ("tower", "batch", "t_cross ms", "t_deep ms", "t_parallel ms", "t_parallel / max")
+
+
+def _branch_rows(report: Report) -> list[tuple[str, ...]]:
+    """Branch subgraph timings (ORT CPU) per tower; a tower that is not parallel shows why it was skipped."""
+    rows = []
+    for tower, t in ((report.latency or {}).get("branches") or {}).items():
+        if "skipped" in t:
+            rows.append((tower, "-", "-", "-", "-", f"skipped: {t['skipped']}"))
+        else:
+            rows.append((tower, str(t["batch"]), format_number(t["t_cross_ms"]), format_number(t["t_deep_ms"]),
+                         format_number(t["t_parallel_ms"]), format_number(t["ratio"], 3)))
+    return rows
+
+
+def _quality_rows(report: Report) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    if report.retrieval is not None:
+        r = report.retrieval
+        rows = [(f"@{k}", format_number(r["recall"]["reference"][k]), format_number(r["recall"]["candidate"][k]),
+                 format_number(r["recall_ratio"][k], 6), format_number(r["agreement"][k], 6))
+                for k in r["recall_ratio"]]
+        return ("K", "recall ref", "recall cand", "ratio", "agreement"), rows
+    if report.ranking is not None:
+        rows = [(output, metric, format_number(m[metric]["reference"], 6), format_number(m[metric]["candidate"], 6),
+                 format_number(m[metric]["diff"], 3))
+                for output, m in report.ranking["outputs"].items() for metric in ("auc", "logloss")]
+        return ("output", "metric", "reference", "candidate", "diff"), rows
+    return (), []
+
+
+def _md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(report: Report) -> str:
+    """A summary for a pull request comment or a CI job page."""
+    verdict = "PASSED" if report.passed else f"FAILED ({len(report.failed_gates)} of {len(report.gates)} gates)"
+    parts = [
+        f"# dcnc verify: {verdict}",
+        f"Reference `{report.reference}`, candidate `{report.candidate}` ({report.precision}, {report.device}), "
+        f"data `{report.data}`, {report.seconds:.1f} s on {report.machine.get('host', '?')} "
+        f"({report.machine.get('processor', '?')}, {report.machine.get('cpu_count', '?')} cores).",
+        *([f"> Note: {report.emulation}."] if report.emulation else []),
+        "## Gates",
+        _md_table(("gate", "value", "threshold", "result"), _gate_rows(report)),
+        "## Parity",
+        _md_table(PARITY_HEADER, _parity_rows(report)),
+    ]
+    header, rows = _quality_rows(report)
+    if rows:
+        parts += ["## Retrieval" if report.retrieval is not None else "## Ranking", _md_table(header, rows)]
+    if report.latency:
+        parts += ["## Latency", f"Timer: {report.latency['timer']}. Noise: {report.latency['noise_method']}",
+                  _md_table(LATENCY_HEADER, _latency_rows(report))]
+        if _branch_rows(report):
+            parts += ["Cross and deep branches timed alone and together (1.0 = fully concurrent):",
+                      _md_table(BRANCH_HEADER, _branch_rows(report))]
+    return "\n\n".join(parts) + "\n"
+
+
+def junit_xml(report: Report) -> str:
+    """JUnit XML (the testsuites/testsuite/testcase/failure shape Jenkins, GitLab and GitHub reporters read):
+    one testcase per gate, classname the gate's section."""
+    failures = len(report.failed_gates)
+    stamp = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    common = {"tests": str(len(report.gates)), "failures": str(failures), "errors": "0",
+              "time": f"{report.seconds:.3f}"}
+    suites = ET.Element("testsuites", {"name": "dcnc verify", **common})
+    suite = ET.SubElement(suites, "testsuite",
+                          {"name": f"dcnc.verify.{report.precision}", **common, "skipped": "0", "timestamp": stamp,
+                           "hostname": str(report.machine.get("host", "localhost"))})
+    properties = ET.SubElement(suite, "properties")
+    for name in ("reference", "candidate", "precision", "device", "data"):
+        ET.SubElement(properties, "property", {"name": name, "value": str(getattr(report, name))})
+    for gate in report.gates:
+        case = ET.SubElement(suite, "testcase", {"classname": f"dcnc.verify.{gate.name.split('.')[0]}",
+                                                 "name": gate.name, "time": "0"})
+        if not gate.passed:
+            message = (f"{gate.name} = {format_number(gate.value, 8)}, "
+                       f"required {gate.op} {format_number(gate.threshold, 8)}")
+            failure = ET.SubElement(case, "failure", {"message": message, "type": "GateFailed"})
+            failure.text = message
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def write_markdown(report: Report, path: str | Path) -> None:
+    atomic_write_text(path, markdown(report))
+
+
+def write_junit(report: Report, path: str | Path) -> None:
+    atomic_write_text(path, junit_xml(report))
+
+
+def print_summary(report: Report, console: Console) -> None:
+    """Gates, parity, retrieval or ranking and latency as rich tables, failed gates in red."""
+    from rich.table import Table
+
+    def table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+        t = Table(title=title, title_justify="left")
+        for column in header:
+            t.add_column(column, justify="left" if column in ("gate", "output", "tower", "metric") else "right")
+        for row in rows:
+            t.add_row(*row, style="red" if row[-1] == "FAIL" else None)
+        return t
+
+    console.print(table("Gates", ("gate", "value", "threshold", "result"), _gate_rows(report)))
+    console.print(table("Parity", PARITY_HEADER, _parity_rows(report)))
+    header, rows = _quality_rows(report)
+    if rows:
+        console.print(table("Retrieval" if report.retrieval is not None else "Ranking", header, rows))
+    if report.latency:
+        console.print(table(f"Latency ({report.latency['timer']})", LATENCY_HEADER, _latency_rows(report)))
+        if _branch_rows(report):
+            console.print(table("Branches (ORT CPU)", BRANCH_HEADER, _branch_rows(report)))
+    if report.emulation:
+        console.print(f"[yellow]note:[/yellow] {report.emulation}", highlight=False)
+    verdict = "[green]PASSED[/green]" if report.passed else f"[red]FAILED[/red] {len(report.failed_gates)} gate(s)"
+    console.print(f"verify: {verdict}")
