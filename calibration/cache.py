@@ -21,7 +21,7 @@ from calibration.ranges import (
 )
 from calibration.reader import CalibrationData
 from toolkit.core.errors import DcncError
-from toolkit.core.fileio import atomic_write_text
+from toolkit.core.fileio import atomic_write_text, write_json
 from toolkit.core.onnxio import graph_inputs
 
 SCHEMA = "dcnc.calibration/1"
@@ -66,7 +66,7 @@ def load_cache(path: str | Path, key: str) -> RangeSet | None:
 def save_cache(path: str | Path, key: str, made_from: dict, ranges: RangeSet) -> None:
     """Write the ranges with their key, atomically."""
     document = {"schema": SCHEMA, "key": key, "made_from": made_from, "ranges": ranges.to_dict()}
-    atomic_write_text(path, json.dumps(document, indent=1) + "\n")
+    write_json(path, document)
 
 
 def calibrated_ranges(

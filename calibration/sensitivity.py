@@ -12,7 +12,6 @@ the ratio reaches `min_metric_ratio`; each step is a point on the curve (units k
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from calibration.qdq import quantizable_nodes, quantize_with_ranges
 from calibration.ranges import RangeSet
 from toolkit.core.errors import DcncError
-from toolkit.core.fileio import atomic_write_text
+from toolkit.core.fileio import write_json
 
 GRANULARITIES = ("node", "layer", "branch")
 METRICS = ("recall", "agreement", "auc", "cosine")
@@ -67,7 +66,7 @@ class SensitivityReport:
         return asdict(self) | {"met": self.met, "keep_fp32": self.keep_fp32}
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        write_json(path, self.to_dict())
 
 
 def unit_of(node, granularity: str) -> str:
@@ -163,7 +162,7 @@ def sensitivity(
 
 def _latencies(fp32_session, sessions: list, feeds: dict[str, np.ndarray]) -> list[float]:
     """Median ms of one run of each session (FP32 first), timed interleaved so load drift hits all alike."""
-    from toolkit.backends.latency import time_interleaved
+    from toolkit.backends.timing import time_interleaved
 
     calls = {"fp32": lambda: fp32_session.run(None, feeds)}
     calls |= {str(i): (lambda s=s: s.run(None, feeds)) for i, s in enumerate(sessions)}

@@ -77,7 +77,7 @@ def _graph(nodes, inputs, outputs, initializers):
 
 def _time_pair(fp32, int8, iterations: int) -> tuple[float, float]:
     """Fastest ms of each side, timed interleaved (a peak is the best the machine does)."""
-    from toolkit.backends.latency import time_interleaved
+    from toolkit.backends.timing import time_interleaved
 
     (a, feeds_a), (b, feeds_b) = fp32, int8
     samples = time_interleaved({"fp32": lambda: a.run(None, feeds_a), "int8": lambda: b.run(None, feeds_b)},
@@ -189,7 +189,7 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     from calibration.sensitivity import sensitivity
     from graphs.export import export_model
     from graphs.inspect import inspect_model
-    from toolkit.backends.latency import time_interleaved
+    from toolkit.backends.timing import time_interleaved
     from toolkit.commands.build import build_bundle
     from toolkit.core.machine import usable_cores
     from toolkit.core.onnxio import graph_inputs

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from toolkit import __version__
 from toolkit.core.errors import DcncError
-from toolkit.core.fileio import sha256_file
+from toolkit.core.fileio import sha256_file, write_json
 from toolkit.core.lowering import Lowering, lowering_from_dict
 from toolkit.core.machine import cpu_identity
 
@@ -140,7 +140,7 @@ def write_manifest(bundle_dir: Path, manifest: Manifest, portable: dict[str, boo
         for p in sorted(bundle_dir.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
-    (bundle_dir / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
+    write_json(bundle_dir / MANIFEST, manifest.to_dict())
     return manifest
 
 

@@ -19,8 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 from torch import nn
 
-from toolkit.backends.latency import __doc__ as latency_doc
-from toolkit.backends.latency import compare_latency, device_call, timer_for
+from toolkit.backends.timing import device_call, timer_for
 from toolkit.core.errors import DcncError
 from toolkit.core.machine import machine_info
 from toolkit.core.onnxio import load_onnx
@@ -34,7 +33,9 @@ from toolkit.evaluate.gates import (
     load_baseline,
     resolve_thresholds,
 )
-from toolkit.report.verify import Report
+from toolkit.evaluate.latency import __doc__ as latency_doc
+from toolkit.evaluate.latency import compare_latency
+from toolkit.evaluate.result import Report
 
 
 class Runner(Protocol):
@@ -287,7 +288,7 @@ class SignedTower(nn.Module):
 
 def _branch_timing(bundle: Path, manifest: Any, batch: int) -> dict[str, Any]:
     """t_cross, t_deep, t_parallel per tower from the bundle's ONNX branch subgraphs, or why they were skipped."""
-    from graphs.branches import time_branches
+    from toolkit.evaluate.branch_timing import time_branches
 
     result = {}
     for tower, entry in manifest.towers.items():

@@ -2,7 +2,7 @@
 
 Per tower, every runner (toolkit.commands.bench.runners: torch eager, torch.compile, AOTInductor, ORT FP32/FP16/INT8
 bundles, ORT CUDA and TensorRT on a GPU, bundles given with --bundle) is made ready first; then each batch size
-is timed with all runners interleaved round-robin (toolkit.backends.latency.time_interleaved: one call of each per round,
+is timed with all runners interleaved round-robin (toolkit.backends.timing.time_interleaved: one call of each per round,
 the order rotating), so drift in machine load hits all of them equally. Each result is read against torch eager
 (speedup of p50) and, through the tower's FLOPs per sample (graphs.inspect), against the measured peak of one
 large MatMul in the runner's runtime, in FP32 and in the runner's precision (toolkit.commands.bench.peak).
@@ -10,7 +10,6 @@ large MatMul in the runner's runtime, in FP32 and in the runner's precision (too
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
-from toolkit.backends.latency import Timer, summarize, time_interleaved, timer_for
+from toolkit.backends.timing import Timer, time_interleaved, timer_for
 from toolkit.commands.bench.runners import (
     DEFAULT_RUNNERS,
     RUNNER_KINDS,
@@ -34,6 +33,7 @@ from toolkit.commands.bench.runners import (
 )
 from toolkit.core.errors import DcncError
 from toolkit.core.progress import StepBar
+from toolkit.evaluate.latency import summarize
 
 SCHEMA = "dcnc.bench/1"
 DEFAULT_BATCH_SIZES = (1, 64, 256, 4096)
@@ -350,10 +350,9 @@ def _read_against(report: dict[str, Any]) -> None:
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
     """Write the report atomically; NaN and infinities become null."""
-    from toolkit.core.fileio import atomic_write_text
-    from toolkit.report.verify import _finite
+    from toolkit.core.fileio import write_json
 
-    atomic_write_text(path, json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    write_json(path, report)
 
 
 # --- output -------------------------------------------------------------------------------------------------------

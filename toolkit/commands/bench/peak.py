@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from toolkit.backends.latency import device_call, time_interleaved, timer_for
+from toolkit.backends.timing import device_call, time_interleaved, timer_for
 from toolkit.core.errors import DcncError
 
 # Big enough to reach the kernels' steady state, small enough to time in well under a second.

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from toolkit import __version__
-from toolkit.backends.latency import TimedCall, device_call
+from toolkit.backends.timing import TimedCall, device_call
 from toolkit.core.errors import DcncError, first_line
 from toolkit.model.loading import LoadedModel, LoadedTower
 

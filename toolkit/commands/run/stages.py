@@ -33,7 +33,7 @@ from toolkit.commands.run.pipeline import (
 )
 from toolkit.commands.run.stamps import Stage, content_hash
 from toolkit.core.errors import DcncError
-from toolkit.core.fileio import atomic_dir, atomic_write_text
+from toolkit.core.fileio import atomic_dir, write_json
 from toolkit.report.runsummary import target_summary
 
 SCHEMA = "dcnc.run/1"
@@ -291,7 +291,7 @@ def run_pipeline(pipeline: Pipeline, out: str | Path, force: bool = False, quiet
         "html_report": _write_html(reports, out / HTML_REPORT, f"dcnc run: {pipeline.label}"),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_json(out / SUMMARY, summary)
     return summary
 
 
