@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from toolkit.core.errors import DcncError, first_line
+from toolkit.core.progress import StepBar
 
 METHODS = ("minmax", "entropy", "percentile")
 NUM_BINS = 2048
@@ -106,10 +107,10 @@ def collect_ranges(
     tensors = activation_tensors(model)
     session = _tapped_session(model, tensors)
     passes = 1 if method == "minmax" else 2
-    with _bar(progress, passes * num_batches if num_batches else None) as advance:
+    with StepBar(passes * num_batches if num_batches else None, enabled=progress, label="calibrating") as bar:
         low = {n: np.inf for n in tensors}
         high = {n: -np.inf for n in tensors}
-        for outputs in _run(session, tensors, batches(), advance):
+        for outputs in _run(session, tensors, batches(), bar):
             for name, value in outputs.items():
                 if value.size:
                     low[name] = min(low[name], float(value.min()))
@@ -121,7 +122,7 @@ def collect_ranges(
             return RangeSet(method, minmax, dict(minmax))
         amax = {n: max(abs(low[n]), abs(high[n])) for n in tensors}
         histograms = {n: np.zeros(num_bins, dtype=np.int64) for n in tensors}
-        for outputs in _run(session, tensors, batches(), advance):
+        for outputs in _run(session, tensors, batches(), bar):
             for name, value in outputs.items():
                 magnitudes = np.abs(value[value != 0])  # exact zeros quantize exactly: they must not pull T down
                 if amax[name] > 0 and magnitudes.size:
@@ -196,41 +197,11 @@ def _tapped_session(model, tensors: list[str]):
     return ort_session(tap_outputs(model, tensors), options=OrtOptions(opt_level="disable"), where="calibration graph")
 
 
-def _run(session, tensors: list[str], batches, advance):
+def _run(session, tensors: list[str], batches, bar: StepBar):
     for feeds in batches:
         try:
             values = session.run(tensors, feeds)
         except Exception as err:  # onnxruntime raises untyped errors
             raise DcncError(f"calibration: the graph failed on a batch ({first_line(err)})") from None
-        advance()
+        bar.done()
         yield dict(zip(tensors, values))
-
-
-class _bar:
-    """A rich progress bar over calibration batches (a no-op when disabled); yields a callable to advance it."""
-
-    def __init__(self, enabled: bool, total: int | None):
-        self.enabled = enabled
-        self.total = total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.progress = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=Console(stderr=True))  # fmt: skip
-        self.progress.__enter__()
-        task = self.progress.add_task("calibrating", total=self.total)
-        return lambda: self.progress.advance(task)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)

@@ -187,10 +187,10 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     from calibration.qdq import quantize_with_ranges
     from calibration.reader import load_calibration
     from calibration.sensitivity import sensitivity
-    from graphs.export import export_model
     from graphs.inspect import inspect_model
     from toolkit.backends.timing import time_interleaved
     from toolkit.commands.build import build_bundle
+    from toolkit.commands.export import export_model
     from toolkit.core.machine import usable_cores
     from toolkit.core.onnxio import graph_inputs
     from toolkit.evaluate.metrics import exact_top_k, recall_at_k

@@ -11,8 +11,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from graphs.export import export_model
 from toolkit.commands.build import build_bundle
+from toolkit.commands.export import export_model
 from toolkit.core.signature import random_inputs
 from toolkit.evaluate.evaldata import RankingEval
 from toolkit.evaluate.verify import VerifyOptions

@@ -102,7 +102,7 @@ def test_force_rebuilds_an_existing_bundle(towers_dir, tmp_path):
     [
         ({"backend": "onnx"}, "--backend 'onnx': choose one of ort, ort-cuda, tensorrt"),
         ({"precision": "fp8"}, "--precision 'fp8': choose one of fp32, fp16, bf16, int8"),
-        ({"precision": "int8"}, "--precision int8 needs calibration data"),
+        ({"precision": "int8"}, "int8 needs calibration data"),
         ({"precision": "fp32", "calib": "calib.npz"}, "--calib is used by --precision fp16, bf16 and int8, not fp32"),
         ({"precision": "bf16"}, "--precision bf16 needs a GPU backend"),
         ({"precision": "fp16", "int8_target": "tensorrt"}, "--int8-target applies to --precision int8 only"),

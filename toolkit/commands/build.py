@@ -73,12 +73,16 @@ class Lowering:
     seed: int = 0
     keep_fp32: tuple[str, ...] = ()
 
-    def check(self, calib: str | Path | None) -> None:
-        """Refuse option combinations that mean nothing, before anything is read or written."""
+    def check(self, calib, calib_resolved: bool = True) -> None:
+        """Refuse option combinations that mean nothing, before anything is read or written: the one place these
+        rules live (`dcnc build`, `dcnc run`'s pipeline targets and `dcnc bench` all ask here).
+
+        calib_resolved=False: the calibration source is not known yet (a pipeline target before its model's
+        checkpoint is read), so only the rules that do not depend on it are checked."""
         if self.precision not in PRECISIONS:
             raise DcncError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if self.precision == "int8" and calib is None:
-            raise DcncError("--precision int8 needs calibration data: pass --calib DATA")
+        if self.precision == "int8" and calib is None and calib_resolved:
+            raise DcncError("int8 needs calibration data (--calib DATA, or calib in a pipeline file)")
         if calib is not None and self.precision == "fp32":
             raise DcncError("--calib is used by --precision fp16, bf16 and int8, not fp32")
         if self.precision != "int8" and (self.keep_fp32 or self.calib_method != "minmax"):

@@ -64,15 +64,26 @@ def calibration_data(
     return load_calibration(chosen, specs, samples=samples, seed=seed)
 
 
+def source_hash(source: Source | None) -> str | dict | None:
+    """The content of a source, not where it lies (a cache key survives a moved folder): its sha256, per tower
+    for a mapping; a dataset source is its name (generated deterministically from it)."""
+    if source is None:
+        return None
+    if isinstance(source, dict):
+        return {tower: source_hash(path) for tower, path in sorted(source.items())}
+    if str(source).startswith(DATASET_PREFIX):
+        return str(source)
+    return sha256_tree(Path(source))
+
+
 def source_identity(source: Source | None) -> dict | None:
     """What a bundle records of its calibration source: the path(s) and their content hashes."""
     if source is None:
         return None
     if isinstance(source, dict):
         return {tower: source_identity(path) for tower, path in sorted(source.items())}
-    if str(source).startswith(DATASET_PREFIX):  # generated deterministically from the named dataset
-        return {"path": str(source), "sha256": None}
-    return {"path": str(source), "sha256": sha256_tree(Path(source))}
+    is_dataset = str(source).startswith(DATASET_PREFIX)
+    return {"path": str(source), "sha256": None if is_dataset else source_hash(source)}
 
 
 def _from_dataset(source: str, specs: list[TensorSpec], samples: int | None, seed: int) -> CalibrationData:

@@ -21,6 +21,7 @@ import numpy as np
 from toolkit.backends.timing import TimedCall, Timer, time_interleaved, wall_timer
 
 PERCENTILES = (50, 90, 99)
+NOISE_METHOD = " ".join(__doc__.split("Noise:", 1)[1].split())  # what reports say the noise figure is
 
 
 def summarize(samples_ms: np.ndarray, batch: int) -> dict[str, float]:

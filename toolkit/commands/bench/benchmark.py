@@ -31,6 +31,7 @@ from toolkit.commands.bench.runners import (
     bundle_tower_runner,
     prepare,
 )
+from toolkit.commands.calibration_data import check_source
 from toolkit.core.errors import DcncError
 from toolkit.core.progress import StepBar
 from toolkit.evaluate.latency import summarize
@@ -82,8 +83,7 @@ class BenchOptions:
             raise DcncError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.peak_n is not None and self.peak_n < 16:
             raise DcncError(f"peak_n {self.peak_n}: a MatMul peak needs a matrix of at least 16 x 16")
-        if self.calib is not None and not Path(self.calib).exists():
-            raise DcncError(f"--calib {self.calib}: not found")
+        check_source(self.calib)
 
     def kinds(self) -> list[RunnerKind]:
         """The runners to time, in order, refusing unknown names and runners for another device."""

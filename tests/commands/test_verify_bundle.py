@@ -16,8 +16,9 @@ from verify_cases import CLI_FAST
 
 from cli import app
 from toolkit.commands.build import build_bundle
+from toolkit.commands.verify import verify
 from toolkit.core.errors import DcncError
-from toolkit.evaluate.verify import VerifyOptions, verify
+from toolkit.evaluate.verify import VerifyOptions
 from toolkit.model.checkpoint import save_checkpoint
 
 FAST = VerifyOptions(ks=(1, 5), batch_sizes=(1, 16), warmup=1, iterations=3)
