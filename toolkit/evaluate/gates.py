@@ -19,19 +19,13 @@ Gates file (every key optional; flags override it, it overrides the precision's 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 from toolkit.core.errors import DcncError
+from toolkit.core.fileio import read_json, read_toml
 from toolkit.evaluate.result import SCHEMA, Gate
 
 
@@ -65,13 +59,7 @@ GATE_KEYS = tuple(f.name for f in dataclasses.fields(Thresholds))
 
 def load_gates_file(path: str | Path) -> tuple[str | None, dict[str, float]]:
     """The precision named in a gates file (or None) and its [gates] table, checked for known keys and numbers."""
-    path = Path(path)
-    if not path.is_file():
-        raise DcncError(f"{path}: no such gates file")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise DcncError(f"{path}: not valid TOML ({err})") from None
+    data = read_toml(path, "gates file")
     unknown = sorted(set(data) - {"precision", "gates"})
     if unknown:
         raise DcncError(f"{path}: unknown key {unknown[0]!r} (expected 'precision' and a [gates] table)")
@@ -145,13 +133,7 @@ def evaluate_gates(
 
 def load_baseline(path: str | Path) -> dict[str, Any]:
     """An earlier verify report (schema dcnc.verify/1) with a latency section."""
-    path = Path(path)
-    if not path.is_file():
-        raise DcncError(f"{path}: no such baseline report")
-    try:
-        report = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DcncError(f"{path}: not valid JSON ({err})") from None
+    report = read_json(path, "baseline report")
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise DcncError(f"{path}: not a verify report (expected \"schema\": \"{SCHEMA}\")")
     if not isinstance(report.get("latency"), dict) or not report["latency"].get("towers"):

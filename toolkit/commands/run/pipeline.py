@@ -36,18 +36,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 from toolkit.core.errors import DcncError
+from toolkit.core.fileio import read_toml
 
 EXAMPLE_PIPELINE = "pipeline.toml"  # in toolkit/examples: the pipeline `dcnc run` runs without a file
 EXAMPLE_MODELS = {"two_tower": "retrieval", "ranker": "ranking"}  # example name -> toolkit.example.train family
@@ -391,16 +386,10 @@ def load_pipeline(path: str | Path | None = None) -> Pipeline:
     """The pipeline in the TOML file `path`, every key checked; None: the built-in example
     (toolkit/example/pipeline.toml: the example two-tower and ranker, each as ORT fp32, fp16 and int8)."""
     if path is None:
-        text = (resources.files("toolkit.example") / EXAMPLE_PIPELINE).read_text()
-        return _Reader(None).pipeline(tomllib.loads(text))
+        with resources.as_file(resources.files("toolkit.example") / EXAMPLE_PIPELINE) as example:
+            return _Reader(None).pipeline(read_toml(example, "pipeline file"))
     path = Path(path)
-    if not path.is_file():
-        raise DcncError(f"{path}: no such pipeline file")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise DcncError(f"{path}: not valid TOML ({err})") from None
-    return _Reader(path).pipeline(data)
+    return _Reader(path).pipeline(read_toml(path, "pipeline file"))
 
 
 def describe(pipeline: Pipeline) -> dict[str, Any]:
