@@ -18,10 +18,11 @@ from cli import app
 from toolkit.commands.build import build_bundle
 from toolkit.commands.verify import verify
 from toolkit.core.errors import DcncError
+from toolkit.evaluate.latency import LatencyPolicy
 from toolkit.evaluate.verify import VerifyOptions
 from toolkit.model.checkpoint import save_checkpoint
 
-FAST = VerifyOptions(ks=(1, 5), batch_sizes=(1, 16), warmup=1, iterations=3)
+FAST = VerifyOptions(ks=(1, 5), batch_sizes=(1, 16), warmup=1, iterations=3, policy=LatencyPolicy(budget_s=0))
 
 
 def test_faithful_fp32_bundle_passes(verify_case):
