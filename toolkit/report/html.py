@@ -314,6 +314,8 @@ def _target(index: int, name: str, report: dict[str, Any]) -> str:
              f"<p>{facts}{took}.</p>" if facts else ""]
     if report.get("emulation"):
         parts.append(f'<p class="note">Note: {escape(str(report["emulation"]))}.</p>')
+    if report.get("quality_absent"):
+        parts.append(f'<p class="note">Quality not measured: {escape(str(report["quality_absent"]))}.</p>')
     parts += [_gates(report), _parity(report)]
     if isinstance(report.get("retrieval"), dict):
         parts.append(_retrieval(report["retrieval"]))
