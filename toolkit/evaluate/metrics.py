@@ -51,18 +51,22 @@ class TopKSearch:
         self.heap = faiss.ResultHeap(len(self.queries), k, keep_max=True)
         self.items = 0
 
-    def add(self, chunk: np.ndarray) -> None:
+    def add(self, chunk: np.ndarray, ids: np.ndarray | None = None) -> None:
+        """Search one chunk. Its rows are numbered on from the previous chunks, or named by `ids` (int [n_i], e.g.
+        a corpus's item ids, which need not be contiguous)."""
         import faiss
 
         chunk = np.ascontiguousarray(chunk, dtype=np.float32)
         if chunk.ndim != 2 or chunk.shape[1] != self.queries.shape[1]:
             raise DcncError(f"top-K: item chunk has shape {list(chunk.shape)}, queries have dim {self.queries.shape[1]}")
+        if ids is not None and len(ids) != len(chunk):
+            raise DcncError(f"top-K: {len(ids)} ids for an item chunk of {len(chunk)} rows")
         if len(chunk) == 0:
             return
         index = faiss.IndexFlatIP(chunk.shape[1])
         index.add(chunk)
-        scores, ids = index.search(self.queries, min(self.k, len(chunk)))
-        self.heap.add_result(scores, ids + self.items)
+        scores, rows = index.search(self.queries, min(self.k, len(chunk)))
+        self.heap.add_result(scores, rows + self.items if ids is None else np.asarray(ids, dtype=np.int64)[rows])
         self.items += len(chunk)
 
     def result(self) -> TopK:
@@ -72,6 +76,25 @@ class TopKSearch:
         self.heap.finalize()
         kept = min(self.k, self.items)
         return TopK(self.heap.D[:, :kept].copy(), self.heap.I[:, :kept].copy())
+
+
+def merge_top_k(parts: Iterable[TopK], k: int) -> TopK:
+    """The best `k` per query of several top-K lists over disjoint item sets (shards) of the same queries: a k-way
+    merge through one faiss heap per query, so memory is O(Q*k) whatever the number of shards."""
+    import faiss
+
+    heap, found = None, 0
+    for part in parts:
+        if heap is None:
+            heap = faiss.ResultHeap(len(part.ids), k, keep_max=True)
+        if part.ids.shape[1]:
+            heap.add_result(part.scores, part.ids)
+            found += part.ids.shape[1]
+    if heap is None or found == 0:
+        raise DcncError("top-K: the item corpus is empty")
+    heap.finalize()
+    kept = min(k, found)
+    return TopK(heap.D[:, :kept].copy(), heap.I[:, :kept].copy())
 
 
 def exact_top_k(queries: np.ndarray, item_chunks: Iterable[np.ndarray], k: int) -> TopK:
@@ -217,6 +240,23 @@ class ParityAccumulator:
         self.cos_sum += float(cosine.sum())
         self.cos_min = min(self.cos_min, float(cosine.min(initial=np.inf)))
         self.rows += len(cosine)
+
+    def merge(self, other: ParityAccumulator) -> None:
+        """Add what `other` accumulated over other rows (a worker's share of a corpus), as if updated here."""
+        self.bins += other.bins
+        self.count += other.count
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.sq_diff += other.sq_diff
+        self.sq_ref += other.sq_ref
+        self.cos_sum += other.cos_sum
+        self.cos_min = min(self.cos_min, other.cos_min)
+        self.rows += other.rows
+        self.dot += other.dot
+        self.norm_ref += other.norm_ref
+        self.norm_cand += other.norm_cand
+        self.vector_output = self.vector_output or other.vector_output
+        for key, count in other.nonfinite.items():
+            self.nonfinite[key] += count
 
     def quantile(self, q: float) -> float:
         """Upper bound of the q-quantile of |c - r|, the smallest error with a share q of all errors at or below it

@@ -1,0 +1,94 @@
+"""Recall parity over an item corpus too large to hold: per-shard exact top-K and item parity, merged across workers.
+
+A worker (one process, or one Ray actor) feeds CorpusSearch the shards it is given: item ids with both sides'
+tower outputs. Each shard is searched exactly (faiss, inner product) and folded into one heap per query and side,
+so a worker holds O(Q*K + shard) whatever the corpus size, never an N x M score matrix. A worker's CorpusPartial
+is small (the K best per query, the parity sums) and partials merge k-way into the answer for the whole corpus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from toolkit.core.errors import DcncError
+from toolkit.evaluate.metrics import ParityAccumulator, TopK, TopKSearch, merge_top_k
+
+SIDES = ("reference", "candidate")
+
+
+@dataclass
+class CorpusPartial:
+    """What one worker found: per side the K best item ids per query, item-output parity, the rows it saw, and
+    which of the relevant item ids occurred among them."""
+
+    top: dict[str, TopK]
+    parity: dict[str, ParityAccumulator]
+    rows: int
+    relevant_seen: np.ndarray  # bool, one per entry of the sorted relevant ids
+
+
+class CorpusSearch:
+    """Both sides' exact top-`k` over item shards, with item parity.
+
+    queries: per side the query embeddings float [Q, D]. outputs: the item tower's output names, the first being
+    the embedding searched. relevant_ids: the item ids relevance names (sorted, unique), to tell which the corpus
+    holds.
+    """
+
+    def __init__(self, queries: dict[str, np.ndarray], k: int, outputs: list[str], relevant_ids: np.ndarray):
+        self.searches = {side: TopKSearch(queries[side], k) for side in SIDES}
+        self.outputs = outputs
+        self.parity = {name: ParityAccumulator() for name in outputs}
+        self.relevant_ids = relevant_ids
+        self.relevant_seen = np.zeros(len(relevant_ids), dtype=bool)
+        self.rows = 0
+
+    def add(self, ids: np.ndarray, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> None:
+        """One shard: int64 item ids [n] and each side's outputs for those items."""
+        for name in self.outputs:
+            self.parity[name].update(reference[name], candidate[name])
+        embedding = self.outputs[0]
+        self.searches["reference"].add(reference[embedding], ids)
+        self.searches["candidate"].add(candidate[embedding], ids)
+        self.relevant_seen |= np.isin(self.relevant_ids, ids)
+        self.rows += len(ids)
+
+    def partial(self) -> CorpusPartial:
+        """This worker's share (call once, after its last shard); a worker that got no rows has empty lists."""
+        if self.rows:
+            top = {side: search.result() for side, search in self.searches.items()}
+        else:
+            queries = len(self.searches["reference"].queries)
+            empty = TopK(np.zeros((queries, 0), np.float32), np.zeros((queries, 0), np.int64))
+            top = dict.fromkeys(SIDES, empty)
+        return CorpusPartial(top, self.parity, self.rows, self.relevant_seen)
+
+
+def merge_partials(parts: Iterable[CorpusPartial], k: int) -> CorpusPartial:
+    """The whole corpus from its workers' partials: top-K merged k-way per side, parity and counts summed."""
+    parts = list(parts)
+    if not parts or sum(p.rows for p in parts) == 0:
+        raise DcncError("the item corpus is empty")
+    top = {side: merge_top_k((p.top[side] for p in parts), k) for side in SIDES}
+    parity = {name: ParityAccumulator() for name in parts[0].parity}
+    for part in parts:
+        for name, accumulator in part.parity.items():
+            parity[name].merge(accumulator)
+    seen = np.logical_or.reduce([p.relevant_seen for p in parts])
+    return CorpusPartial(top, parity, sum(p.rows for p in parts), seen)
+
+
+def dense_codes(relevance: np.ndarray, top: dict[str, TopK]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Relevance pairs and top-K lists with item ids renumbered 0..n-1 over the ids they mention, so recall@K's
+    (query, item) pair keys stay small whatever the corpus's ids (hashes, sparse ranges)."""
+    named = np.concatenate([relevance[:, 1], *(t.ids.ravel() for t in top.values())])
+    _, codes = np.unique(named, return_inverse=True)
+    relevance_codes = np.stack([relevance[:, 0], codes[: len(relevance)]], axis=1)
+    out, start = {}, len(relevance)
+    for side, t in top.items():
+        out[side] = codes[start : start + t.ids.size].reshape(t.ids.shape)
+        start += t.ids.size
+    return relevance_codes, out
