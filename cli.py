@@ -194,6 +194,46 @@ def verify(
         raise GateFailed(", ".join(g.name for g in result.failed_gates))
 
 
+# --- dcnc embed ----------------------------------------------------------------------------------------------
+EMBED_EPILOG = """ITEMS is a Parquet file or folder (every *.parquet under it; names starting with . or _ skipped) with one column per tower input, named as the input: a [B] input a plain column of its dtype (int64 ids), a [B, d] input a fixed-size list column of d values (pyarrow: pa.list_(pa.float32(), d)); and an id column (--id-column). Or an .npz keyed by input name (loaded whole; ids are row numbers unless it has the id array).
+
+DIR gets shards/*.parquet (the id column, then each tower output as a fixed-size float32 list) and manifest.json (schema dcnc.embed/1: bundle hash, tower, rows, shards with hashes, engine, seconds, items/s). Read it back with pandas.read_parquet("DIR/shards") or ray.data.read_parquet("DIR/shards"). DIR appears whole or not at all: a run that fails or is killed leaves nothing, and the next run clears what a killed one staged. Running again with the same bundle, tower, items and batch size is a no-op.
+
+Examples: `dcnc embed bundles/two_tower --data items/ --out emb/` (this machine, every core); `dcnc embed bundles/two_tower --data items/ --out emb/ --engine ray` (a local Ray cluster); `dcnc embed bundles/trt-fp16 --data /shared/items --out /shared/emb --engine ray --address auto --num-gpus 1 --batch-size 65536` (a GPU cluster: one actor per GPU; paths must be visible to every node). Both engines give identical embeddings. docs/scale.md: sizing a cluster, GPU batch sizes, 1B-item estimates.
+
+Exit codes: 0 written (or already current); 2 bad input: a missing column or wrong type or width, nulls, NaN/Inf, an id outside its embedding table, an empty corpus, an unwritable DIR, a changed bundle, Ray not installed (nothing is written)."""
+
+
+@app.command(epilog=EMBED_EPILOG)
+@user_errors
+def embed(
+    bundle: str = typer.Argument(..., help="A bundle directory written by `dcnc build`."),
+    data: str = typer.Option(..., "--data", help="ITEMS: a Parquet file or folder, or an .npz (see below)."),
+    out: str = typer.Option(..., "--out", help="DIR: the output folder (Parquet shards and manifest.json)."),
+    tower: str = typer.Option("item", "--tower", help="The bundle's tower to run."),
+    engine: str = typer.Option("local", "--engine", help="local: this process, its ONNX Runtime session on every usable core. ray: Ray Data actors, one bundle runner each (pip install 'dcnc[ray]')."),
+    address: str = typer.Option(None, "--address", help="ray: the cluster to join (auto, or ray://head:10001). Default: start a local Ray on this machine's cores."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Rows per inference call, inside the bundle's batch profile. Default: the profile's largest batch."),
+    concurrency: int = typer.Option(None, "--concurrency", help="ray: the number of actors. Default: one per GPU for GPU bundles, else one per CPU but one (Ray Data's read and write tasks need it)."),
+    num_gpus: float = typer.Option(None, "--num-gpus", help="ray: GPUs per actor (0.5 packs two actors on a GPU). Default: 1 for ort-cuda and tensorrt bundles, 0 for CPU bundles."),
+    id_column: str = typer.Option("id", "--id-column", help="The column of ITEMS carried to the output as each row's id."),
+    shard_rows: int = typer.Option(1_000_000, "--shard-rows", help="Rows per output Parquet file, at most."),
+    force: bool = typer.Option(False, "--force", help="Replace DIR when it holds something else (an output made from other inputs)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Embed every item of a corpus with a bundle's tower: Parquet shards and a manifest, locally or on Ray."""
+    from toolkit.commands.embed.command import EngineOptions
+    from toolkit.commands.embed.command import embed as run_embed
+
+    options = EngineOptions(engine, address, batch_size, concurrency, num_gpus, progress=not quiet)
+    manifest, current = run_embed(bundle, data, out, tower, options, id_column, shard_rows, force)
+    if current:
+        print(f"{out}: current ({manifest['rows']:,} rows, made by the {manifest['engine']['name']} engine); nothing to do")
+        return
+    print(f"{out}: {manifest['rows']:,} rows in {len(manifest['shards'])} shards, {manifest['seconds']:.1f} s,"
+          f" {manifest['items_per_s']:,.0f} items/s ({manifest['engine']['name']} engine, batch {manifest['engine']['batch_size']})")
+
+
 # --- dcnc build -----------------------------------------------------------------------------------------------
 @app.command()
 @user_errors

@@ -239,8 +239,9 @@ def check_bundle(bundle: str | Path) -> Manifest:
 
 
 # --- opening ------------------------------------------------------------------------------------------------
-def tower_runner(bundle: str | Path, manifest: Manifest, tower: str):
-    """The runner for one tower of a checked bundle, configured from the manifest alone."""
+def tower_runner(bundle: str | Path, manifest: Manifest, tower: str, threads: int | None = None):
+    """The runner for one tower of a checked bundle, configured from the manifest alone; `threads` replaces the ORT
+    intra-op threads recorded there (a worker given one core of a machine, say)."""
     bundle = Path(bundle)
     if tower not in manifest.towers:
         raise DcncError(f"{bundle}: no tower {tower!r} (it has {sorted(manifest.towers)})")
@@ -251,8 +252,9 @@ def tower_runner(bundle: str | Path, manifest: Manifest, tower: str):
         from toolkit.backends.ort.runner import OrtRunner
 
         graph = entry.optimized_onnx or entry.onnx
+        settings = {**manifest.options["ort"], **({"threads": threads} if threads else {})}
         loader = SessionFromOnnx(
-            bundle / graph, manifest.backend, OrtOptions(**manifest.options["ort"]), preoptimized=bool(entry.optimized_onnx)
+            bundle / graph, manifest.backend, OrtOptions(**settings), preoptimized=bool(entry.optimized_onnx)
         )
         return OrtRunner(loader, name=name, batch_range=manifest.batch_range())
     from toolkit.backends.tensorrt.config import TrtOptions
