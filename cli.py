@@ -280,10 +280,8 @@ def build(
     towers = ", ".join(manifest.towers)
     print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {batch}")
     for tower, entry in manifest.towers.items():
-        if entry.lowering and "half_nodes" in entry.lowering:
-            print(f"  {tower}: {entry.lowering['half_nodes']} nodes in {manifest.precision}, {len(entry.lowering['kept_fp32'])} kept FP32")
-        elif entry.lowering:
-            print(f"  {tower}: {len(entry.lowering['quantized_nodes'])} nodes int8 ({entry.lowering['target']}, {entry.lowering['method']}), {len(entry.lowering['kept_fp32'])} kept FP32")
+        if entry.lowering:
+            print(f"  {tower}: {entry.lowering.summary()}")
 
 
 @app.command()

@@ -51,6 +51,10 @@ class RangeSet:
             },
         }
 
+    def peaks(self) -> dict[str, float]:
+        """The largest |value| each tensor took on the calibration data (what half lowering keeps in range)."""
+        return {name: max(abs(low), abs(high)) for name, (low, high) in self.minmax.items()}
+
     @classmethod
     def from_dict(cls, data: dict) -> RangeSet:
         tensors = data["tensors"]
@@ -187,22 +191,9 @@ def percentile_threshold(hist: np.ndarray, edges: np.ndarray, percentile: float)
 def _tapped_session(model, tensors: list[str]):
     """An onnxruntime session of `model` with every tensor in `tensors` also a graph output, unoptimised so
     each named tensor exists as in the graph."""
-    import onnx
-    import onnxruntime as ort
+    from toolkit.backends.ort.loader import OrtOptions, ort_session, tap_outputs
 
-    from toolkit.backends.ort.loader import OrtOptions, session_options
-
-    tapped = onnx.ModelProto()
-    tapped.CopyFrom(model)
-    present = {o.name for o in tapped.graph.output}
-    for name in tensors:
-        if name not in present:
-            tapped.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    options = session_options(OrtOptions(opt_level="disable"))
-    try:
-        return ort.InferenceSession(tapped.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises untyped errors
-        raise DcncError(f"calibration: onnxruntime cannot run the graph ({first_line(err)})") from None
+    return ort_session(tap_outputs(model, tensors), options=OrtOptions(opt_level="disable"), where="calibration graph")
 
 
 def _run(session, tensors: list[str], batches, advance):

@@ -282,13 +282,10 @@ def extract_branch(model: onnx.ModelProto, branch: str, report: BranchReport | N
 
 
 def _timing_session(model: onnx.ModelProto, threads: int | None):
-    import onnxruntime as ort
-
-    from toolkit.backends.ort.loader import OrtOptions, session_options
+    from toolkit.backends.ort.loader import OrtOptions, ort_session
 
     # three sessions take turns: a pool left spinning after its run would steal the cores from the next one
-    options = session_options(OrtOptions(threads=threads), spinning=False)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(model, options=OrtOptions(threads=threads), spinning=False, where="branch subgraph")
 
 
 def time_branches(
@@ -300,7 +297,7 @@ def time_branches(
     ratio = t_parallel / max(t_cross, t_deep): 1.0 means the branches fully overlap, t_cross + t_deep over the
     max means they ran one after the other. serial_ratio = t_parallel / (t_cross + t_deep).
     """
-    from toolkit.backends.ort.loader import usable_cores
+    from toolkit.core.machine import usable_cores
 
     report = analyze(model)
     if not report.parallel or not report.x0_width:

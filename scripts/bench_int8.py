@@ -38,15 +38,9 @@ PEAK_SHAPE = (4096, 1024, 1024)
 
 def session(model, profile_prefix: str | None = None, optimized: Path | None = None):
     """A CPU session as the bundle opens it (sequential, intra-op threads = cores), spinning off."""
-    import onnxruntime as ort
+    from toolkit.backends.ort.loader import ort_session
 
-    from toolkit.backends.ort.loader import OrtOptions, session_options
-
-    options = session_options(OrtOptions(), optimized_model_path=optimized, spinning=False)
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(model, spinning=False, optimized_model_path=optimized, profile_prefix=profile_prefix)
 
 
 def op_profiles(models: dict, feeds: dict, runs: int, folder: Path) -> dict[str, dict[str, float]]:
@@ -189,16 +183,18 @@ def main() -> None:
 def bench(args: argparse.Namespace, work: Path) -> None:
     import onnx
 
+    from calibration.cache import calibrated_ranges
     from calibration.qdq import quantize_with_ranges
-    from calibration.reader import graph_input_specs, load_calibration
-    from calibration.sensitivity import recall_metric, sensitivity
+    from calibration.reader import load_calibration
+    from calibration.sensitivity import sensitivity
     from graphs.export import export_model
     from graphs.inspect import inspect_model
     from toolkit.backends.latency import time_interleaved
-    from toolkit.backends.ort.loader import usable_cores
     from toolkit.commands.build import build_bundle
-    from toolkit.commands.calibrate import calibrated_ranges
+    from toolkit.core.machine import usable_cores
+    from toolkit.core.onnxio import graph_inputs
     from toolkit.evaluate.metrics import exact_top_k, recall_at_k
+    from toolkit.evaluate.task_metrics import recall_metric
     from toolkit.model.loading import load_model
 
     evaluation = dict(np.load(args.example / "two_tower_eval.npz"))
@@ -246,7 +242,7 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     base = recall(fp32_emb)
     for tower in towers:
         other = "item" if tower == "query" else "query"
-        data = load_calibration(args.example / f"{tower}_calib.npz", graph_input_specs(fp32[tower]))
+        data = load_calibration(args.example / f"{tower}_calib.npz", graph_inputs(fp32[tower]))
         ranges, _, _, _ = calibrated_ranges(fp32[tower], data, args.method)
         metric = recall_metric(100, evaluation["relevance"], fp32_emb[other], tower)
         report = sensitivity(fp32[tower], ranges, side[tower], metric, "recall@100", "cpu", "layer",

@@ -187,14 +187,12 @@ def validate_tower(
     Random inputs at each batch in `batches` (clamped to the batch range a `.pt2` program accepts), and
     `real_rows` (feeds keyed by input name) when given. An ONNX Runtime error is a failed check, not a crash.
     """
-    import onnxruntime as ort
+    from toolkit.backends.ort.loader import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:
-        return [OutputParity(n, "loading", False, reason=f"onnxruntime cannot load it: {first_line(err)[:300]}") for n in tower.output_names]
+        session = ort_session(onnx_path)
+    except DcncError as err:
+        return [OutputParity(n, "loading", False, reason=str(err)[:300]) for n in tower.output_names]
     cases: dict[str, dict[str, np.ndarray]] = {}
     if tower.has_batch:
         low, high = tower.batch_range

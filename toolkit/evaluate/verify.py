@@ -22,6 +22,8 @@ from torch import nn
 from toolkit.backends.latency import __doc__ as latency_doc
 from toolkit.backends.latency import compare_latency, device_call, timer_for
 from toolkit.core.errors import DcncError
+from toolkit.core.machine import machine_info
+from toolkit.core.onnxio import load_onnx
 from toolkit.core.progress import StepBar
 from toolkit.evaluate import metrics
 from toolkit.evaluate.evaldata import RankingEval, RetrievalEval, load_eval
@@ -32,7 +34,7 @@ from toolkit.evaluate.gates import (
     load_baseline,
     resolve_thresholds,
 )
-from toolkit.report.verify import Report, machine_info
+from toolkit.report.verify import Report
 
 
 class Runner(Protocol):
@@ -285,14 +287,12 @@ class SignedTower(nn.Module):
 
 def _branch_timing(bundle: Path, manifest: Any, batch: int) -> dict[str, Any]:
     """t_cross, t_deep, t_parallel per tower from the bundle's ONNX branch subgraphs, or why they were skipped."""
-    import onnx
-
     from graphs.branches import time_branches
 
     result = {}
     for tower, entry in manifest.towers.items():
         try:
-            result[tower] = time_branches(onnx.load(str(bundle / entry.onnx)), batch=batch)
+            result[tower] = time_branches(load_onnx(bundle / entry.onnx), batch=batch)
         except DcncError as err:  # not a parallel tower: nothing to time
             result[tower] = {"skipped": str(err)}
     return result
@@ -302,8 +302,6 @@ def _emulated_runners(bundle: Path, manifest: Any) -> dict[str, Runner] | None:
     """For half-precision graphs run by ONNX Runtime's CPU provider, which casts around its missing FP16 kernels
     and so computes in FP32 (DESIGN.md decision 1): runners over the same graphs under half emulation, so parity
     and recall are those of a GPU. None for other bundles."""
-    import onnx
-
     from graphs.emulation import emulated_half_session
     from toolkit.backends.ort.runner import OrtRunner
 
@@ -311,7 +309,7 @@ def _emulated_runners(bundle: Path, manifest: Any) -> dict[str, Runner] | None:
         return None
     return {
         tower: OrtRunner(
-            emulated_half_session(onnx.load(str(bundle / entry.onnx)), manifest.precision),
+            emulated_half_session(load_onnx(bundle / entry.onnx), manifest.precision),
             name=f"emulated-{manifest.precision}:{tower}", batch_range=manifest.batch_range(),
         )
         for tower, entry in manifest.towers.items()

@@ -9,11 +9,8 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
-import platform
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,29 +50,6 @@ class Report:
     @property
     def failed_gates(self) -> list[Gate]:
         return [g for g in self.gates if not g.passed]
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """Where the numbers were measured: host, CPU, core count, library versions, the GPU when timing on CUDA."""
-    versions = {}
-    for package in ("numpy", "torch", "onnx", "onnxruntime", "tensorrt", "faiss-cpu"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    info = {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
-    if device == "cuda":
-        import torch
-
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def _finite(value: Any) -> Any:

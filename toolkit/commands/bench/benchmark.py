@@ -153,9 +153,8 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
     import torch
 
     from toolkit.backends.bundle import check_bundle
-    from toolkit.backends.ort.loader import usable_cores
+    from toolkit.core.machine import machine_info, usable_cores
     from toolkit.model.loading import load_model
-    from toolkit.report.verify import machine_info
 
     options = options or BenchOptions()
     options.check()

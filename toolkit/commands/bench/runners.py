@@ -133,31 +133,6 @@ class BundlePrepared(Prepared):
 
 
 # --- sessions and bundles -----------------------------------------------------------------------------------
-def bench_session(model: str | bytes, backend: str = "ort", options: Any = None, preoptimized: bool = False):
-    """An onnxruntime session set up as dcnc's bundles set theirs (toolkit.backends.ort.loader; `options` an
-    OrtOptions), with intra-op spinning off: sessions that take turns must not leave a pool spinning on the
-    cores the next one needs (as graphs.branches.time_branches does)."""
-    import onnxruntime as ort
-
-    from toolkit.backends.ort.loader import (
-        OrtOptions,
-        providers,
-        require_cuda_provider,
-        session_options,
-    )
-
-    if backend == "ort-cuda":
-        require_cuda_provider()
-    options = options or OrtOptions()
-    so = session_options(options, preoptimized=preoptimized, spinning=False)
-    try:
-        return ort.InferenceSession(model, sess_options=so, providers=providers(backend, options))
-    except Exception as err:  # onnxruntime raises its own untyped errors (NotImplemented, Fail, ...)
-        first = first_line(err)
-        where = model if isinstance(model, str) else "graph"
-        raise DcncError(f"{where}: onnxruntime ({backend}) cannot run it ({first[:200]})") from None
-
-
 def bundle_tower_runner(bundle: Path, manifest: Any, tower: str, threads: int | None):
     """The runner of `tower` in a checked bundle: ORT sessions as the manifest says but with `threads` (when
     given) and spinning off; TensorRT through toolkit.backends.bundle.tower_runner."""
@@ -165,7 +140,7 @@ def bundle_tower_runner(bundle: Path, manifest: Any, tower: str, threads: int | 
 
     if manifest.backend not in ("ort", "ort-cuda"):
         return tower_runner(bundle, manifest, tower)
-    from toolkit.backends.ort.loader import OrtOptions
+    from toolkit.backends.ort.loader import OrtOptions, ort_session
     from toolkit.backends.ort.runner import OrtRunner
 
     entry = manifest.towers[tower]
@@ -173,7 +148,9 @@ def bundle_tower_runner(bundle: Path, manifest: Any, tower: str, threads: int | 
     if threads:
         settings["threads"] = threads
     graph = bundle / (entry.optimized_onnx or entry.onnx)
-    session = bench_session(str(graph), manifest.backend, OrtOptions(**settings), preoptimized=bool(entry.optimized_onnx))
+    # spinning off: sessions that take turns must not leave a pool spinning on the cores the next one needs
+    session = ort_session(graph, manifest.backend, OrtOptions(**settings), spinning=False,
+                          preoptimized=bool(entry.optimized_onnx))
     return OrtRunner(session, name=f"{manifest.backend}:{tower}", batch_range=manifest.batch_range())
 
 
