@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from toolkit import __version__
 from toolkit.core.errors import DcncError, GateFailed
@@ -30,11 +31,11 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except DcncError as err:
-            console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        except DcncError as err:  # escaped: a message may hold brackets rich would take for markup ('dcnc[ray]')
+            console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except GateFailed as err:
-            console.print(f"[red]FAILED:[/red] {err}", highlight=False, soft_wrap=True)
+            console.print(f"[red]FAILED:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")

@@ -147,7 +147,7 @@ def run_local(source, bundle: Path, manifest: Any, tower: str, batch: int, folde
               progress: bool) -> dict[str, Any]:  # fmt: skip
     """The local engine with the bundle's runner (after the runtime and device checks); the settings used."""
     from toolkit.backends.bundle import check_bundle, tower_runner
-    from toolkit.backends.ort.loader import usable_cores
+    from toolkit.core.machine import usable_cores
 
     check_bundle(bundle)
     with tower_runner(bundle, manifest, tower) as runner:

@@ -12,7 +12,6 @@ nulls, NaN/Inf and ids outside an embedding table batch by batch, as the rows ar
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -32,14 +31,11 @@ SKIPPED_PREFIXES = (".", "_")
 def bundle_input_specs(bundle: str | Path, manifest: Any, tower: str) -> list[TensorSpec]:
     """The tower's inputs as the bundle's graph declares them, with the id bounds (embedding table sizes) that
     `dcnc export` recorded in its metadata, so an id past its table is refused rather than looked up."""
-    import onnx
+    from toolkit.core.onnxio import get_metadata, graph_inputs, load_onnx
 
-    from calibration.reader import graph_input_specs
-
-    model = onnx.load(str(Path(bundle) / manifest.towers[tower].onnx), load_external_data=False)
-    recorded = {p.key: p.value for p in model.metadata_props}.get("dcnc.inputs")
-    highs = {spec.name: spec.high for spec in map(TensorSpec.parse, json.loads(recorded))} if recorded else {}
-    specs = [replace(spec, high=highs.get(spec.name)) for spec in graph_input_specs(model)]
+    model = load_onnx(Path(bundle) / manifest.towers[tower].onnx, external_data=False)
+    highs = {spec.name: spec.high for spec in map(TensorSpec.parse, get_metadata(model, "dcnc.inputs") or [])}
+    specs = [replace(spec, high=highs.get(spec.name)) for spec in graph_inputs(model)]
     for spec in specs:
         if any(isinstance(d, str) for d in spec.shape[1:]):
             raise DcncError(f"{bundle}: tower {tower!r} input {spec} has dynamic dims besides the batch; embed needs fixed widths")
@@ -52,6 +48,17 @@ def arrow_type(spec: TensorSpec):
 
     value = pa.from_numpy_dtype(np.dtype(spec.dtype))
     return value if len(spec.shape) == 1 else pa.list_(value, math.prod(spec.shape[1:]))
+
+
+def type_name(arrow_type: Any) -> str:
+    """An Arrow type as messages show it, list child names left out: fixed_size_list<float>[8], list<double>."""
+    import pyarrow as pa
+
+    if pa.types.is_fixed_size_list(arrow_type):
+        return f"fixed_size_list<{arrow_type.value_type}>[{arrow_type.list_size}]"
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return f"list<{arrow_type.value_type}>"
+    return str(arrow_type)
 
 
 @dataclass
@@ -127,7 +134,7 @@ def _check_parquet(file: Path, specs: list[TensorSpec], id_column: str) -> int:
             raise DcncError(f"{file}: no column {spec.name!r} for the tower's input {spec} (columns: {schema.names})")
         found, wanted = schema.field(spec.name).type, arrow_type(spec)
         if found != wanted:
-            raise DcncError(f"{file}: column {spec.name!r} is {found}; the tower's input {spec} needs {wanted}")
+            raise DcncError(f"{file}: column {spec.name!r} is {type_name(found)}; the tower's input {spec} needs {type_name(wanted)}")
     return rows
 
 
@@ -173,8 +180,9 @@ def batch_feeds(batch: Any, specs: list[TensorSpec], id_column: str, where: str)
     for spec in specs:
         column = _column(batch, spec.name)
         values = column if len(spec.shape) == 1 else column.flatten()
-        if column.null_count or values.null_count:
-            raise DcncError(f"{where}: {spec.name!r} holds {column.null_count + values.null_count} nulls")
+        nulls = column.null_count + (values.null_count if values is not column else 0)
+        if nulls:
+            raise DcncError(f"{where}: {spec.name!r} holds {nulls} nulls")
         array = values.to_numpy(zero_copy_only=False).reshape(len(column), *spec.shape[1:])
         check_array(array, spec, where)
         feeds[spec.name] = array

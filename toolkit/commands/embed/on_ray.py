@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ def require_ray() -> Any:
 def ray_cluster(address: str | None, progress: bool) -> Iterator[Any]:
     """Ray connected: the session this process already has, the cluster at `address`, or a local one started on
     this machine's usable cores (and shut down again at the end)."""
-    from toolkit.backends.ort.loader import usable_cores
+    from toolkit.core.machine import usable_cores
 
     ray = require_ray()
     started = not ray.is_initialized()
@@ -50,8 +51,9 @@ def ray_cluster(address: str | None, progress: bool) -> Iterator[Any]:
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise DcncError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: {first_line(err)}") from None
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = progress
+    context.enable_progress_bars = progress and sys.stderr.isatty()  # off a terminal Ray logs progress line by line
     context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         yield ray
     finally:

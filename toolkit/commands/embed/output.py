@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
+from toolkit.core.errors import DcncError
 from toolkit.core.fileio import atomic_dir, sha256_file
 
 SCHEMA = "dcnc.embed/1"
@@ -77,9 +78,13 @@ def clear_stale_staging(out: Path) -> list[Path]:
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
     """A staging folder that replaces `out` when the block completes (and is removed if it raises)."""
-    with atomic_dir(out, force=True) as staging:
-        (staging / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-        (staging / SHARDS).mkdir()
+    with contextlib.ExitStack() as stack:
+        try:
+            staging = stack.enter_context(atomic_dir(out, force=True))
+            (staging / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+            (staging / SHARDS).mkdir()
+        except OSError as err:  # a read-only file system, a parent that is a file
+            raise DcncError(f"{out}: cannot write it ({err.strerror})") from None
         yield staging
         (staging / OWNER).unlink()
 
