@@ -166,6 +166,12 @@ def verify(
     min_speedup: float = typer.Option(None, "--min-speedup", help="Gate: reference p50 / candidate p50, at least (off by default)."),
     latency_tolerance: float = typer.Option(None, "--latency-tolerance", help="With --baseline: smallest regression flagged (default 0.02)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar (corpus embedding, latency sweep)."),
+    corpus: str = typer.Option(None, "--corpus", help="Retrieval: take the items from this corpus (Parquet file or folder, or .npz, as `dcnc embed` reads) instead of --data's item/*; --data then holds query/* and relevance as (query row, corpus item id). Both sides embed every item; exact top-K is searched shard by shard and merged."),
+    engine: str = typer.Option("local", "--engine", help="With --corpus: local (this process) or ray (Ray Data actors embed and search shares of the corpus; merged here)."),
+    address: str = typer.Option(None, "--address", help="With --engine ray: the cluster to join. Default: a local Ray."),
+    concurrency: int = typer.Option(None, "--concurrency", help="With --engine ray: the actors. Default as `dcnc embed`."),
+    num_gpus: float = typer.Option(None, "--num-gpus", help="With --engine ray: GPUs per actor. Default as `dcnc embed`."),
+    id_column: str = typer.Option("id", "--id-column", help="With --corpus: the corpus column holding item ids (integers)."),
 ) -> None:
     """Check a bundle against its PyTorch original: parity, recall@K or AUC, and latency; exit 1 if a gate fails."""
     from toolkit.evaluate.verify import VerifyOptions
@@ -177,7 +183,17 @@ def verify(
     overrides = {"cosine_min": cosine_min, "rel_l2": rel_l2, "max_abs": max_abs, "recall_ratio": recall_ratio,
                  "agreement": agreement, "auc_diff": auc_diff, "logloss_diff": logloss_diff,
                  "min_speedup": min_speedup, "latency_tolerance": latency_tolerance}
-    result = run_verify(reference, bundle, data, device, options, gates, overrides, baseline, branches, inputs, weights)
+    scan = None
+    if corpus is not None:
+        from toolkit.commands.embed.command import EngineOptions
+        from toolkit.commands.embed.corpus_pass import corpus_scan
+
+        engine_options = EngineOptions(engine, address, None, concurrency, num_gpus, progress=not quiet)
+        scan = corpus_scan(corpus, engine_options, id_column, reference, inputs, weights, bundle, device)
+    elif engine != "local" or address or concurrency or num_gpus:
+        raise DcncError("--engine, --address, --concurrency and --num-gpus choose where --corpus is embedded; pass --corpus")
+    result = run_verify(reference, bundle, data, device, options, gates, overrides, baseline, branches, inputs, weights,
+                        corpus=scan)  # fmt: skip
     for path, write in ((report, reports.write_json), (junit, reports.write_junit), (markdown, reports.write_markdown)):
         if path:
             write(result, path)

@@ -57,9 +57,22 @@ def build_corpus_case(root: Path) -> Path:
     export_model(load_model(str(root / "model.pt")), root / "onnx", validate=False)
     build_bundle(root / "onnx", root / "bundle", batch=BATCH)
     ids = item_ids(ITEMS)
-    write_items(root / "items", random_inputs(model.item.input_specs, ITEMS, seed=2), ids)
+    items = random_inputs(model.item.input_specs, ITEMS, seed=2)
+    write_items(root / "items", items, ids)
     queries = random_inputs(model.query.input_specs, QUERIES, seed=1)
-    rng = np.random.default_rng(3)
-    relevance = np.stack([rng.integers(0, QUERIES, 300), ids[rng.integers(0, ITEMS, 300)]], axis=1)
-    np.savez(root / "eval.npz", relevance=relevance, **{f"query/{k}": v for k, v in queries.items()})
+    np.savez(root / "eval.npz", relevance=relevance_near(model, queries, items, ids),
+             **{f"query/{k}": v for k, v in queries.items()})  # fmt: skip
     return root
+
+
+def relevance_near(model, queries: dict, items: dict, ids: np.ndarray) -> np.ndarray:
+    """Per query 3 items from its model top-300 and 2 at random, so recall@K is neither 0 nor 1 and tells a
+    mixed-up id from a right one."""
+    with torch.inference_mode():
+        query = model.query(*(torch.from_numpy(queries[s.name]) for s in model.query.input_specs)).numpy()
+        item = model.item(*(torch.from_numpy(items[s.name]) for s in model.item.input_specs)).numpy()
+    near = np.argsort(-(query @ item.T), axis=1)[:, :300]
+    rng = np.random.default_rng(3)
+    pairs = [(q, ids[near[q, r]]) for q in range(len(query)) for r in rng.choice(300, 3, replace=False)]
+    pairs += [(q, ids[rng.integers(len(ids))]) for q in range(len(query)) for _ in range(2)]
+    return np.array(pairs, dtype=np.int64)

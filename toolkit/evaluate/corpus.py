@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -65,6 +66,38 @@ class CorpusSearch:
             empty = TopK(np.zeros((queries, 0), np.float32), np.zeros((queries, 0), np.int64))
             top = dict.fromkeys(SIDES, empty)
         return CorpusPartial(top, self.parity, self.rows, self.relevant_seen)
+
+
+@dataclass
+class SearchSpec:
+    """What a worker needs to start its own CorpusSearch; plain arrays, so it travels to Ray actors."""
+
+    queries: dict[str, np.ndarray]
+    k: int
+    outputs: list[str]
+    relevant_ids: np.ndarray
+
+    def new(self) -> CorpusSearch:
+        return CorpusSearch(self.queries, self.k, self.outputs, self.relevant_ids)
+
+
+class CorpusScan(Protocol):
+    """The item towers over a corpus read shard by shard (toolkit.commands.embed has a local and a Ray scan).
+
+    open: check the corpus against the item tower's inputs; `rows` is then its size. sample: the first items'
+    inputs (latency is timed on them). Calling it runs both sides over every item, searches each shard with a
+    fresh CorpusSearch from `search` and returns the merged CorpusPartial. A scan may run the given runners in
+    this process, or open its own in workers elsewhere.
+    """
+
+    rows: int
+    label: str  # where the items come from and how they are run, for the report
+
+    def open(self, specs: list[Any]) -> None: ...
+
+    def sample(self, rows: int) -> dict[str, np.ndarray]: ...
+
+    def __call__(self, reference: Any, candidate: Any, search: SearchSpec) -> CorpusPartial: ...
 
 
 def merge_partials(parts: Iterable[CorpusPartial], k: int) -> CorpusPartial:

@@ -26,7 +26,8 @@ from toolkit.core.machine import machine_info
 from toolkit.core.onnxio import load_onnx
 from toolkit.core.progress import StepBar
 from toolkit.evaluate import metrics
-from toolkit.evaluate.evaldata import RankingEval, RetrievalEval, load_eval
+from toolkit.evaluate.corpus import CorpusScan, SearchSpec, dense_codes
+from toolkit.evaluate.evaldata import CorpusEval, RankingEval, RetrievalEval, load_corpus_eval, load_eval
 from toolkit.evaluate.gates import (
     Thresholds,
     baseline_gates,
@@ -145,21 +146,61 @@ def evaluate_retrieval(
         search_ref.add(item_ref[item_embedding])
         search_cand.add(item_cand[item_embedding])
     top_ref, top_cand = search_ref.result(), search_cand.result()
-    recall_ref = metrics.recall_at_k(top_ref.ids, data.relevance, ks)
-    recall_cand = metrics.recall_at_k(top_cand.ids, data.relevance, ks)
-    ratio = {k: recall_cand[k] / recall_ref[k] if recall_ref[k] > 0 else float(recall_cand[k] == 0) for k in ks}
-    agreement = metrics.agreement_at_k(top_ref.ids, top_cand.ids, ks)
-    # The smallest step of the recall ratio: one hit at a query with a single relevant item.
-    judged = len(np.unique(data.relevance[:, 0]))
-    resolution = {k: 1.0 / (judged * recall_ref[k]) if recall_ref[k] > 0 else 1.0 for k in ks}
     return {
         "queries": data.num_queries,
         "items": data.num_items,
         "relevant_pairs": int(len(data.relevance)),
+        **retrieval_figures(top_ref.ids, top_cand.ids, data.relevance, ks),
+    }
+
+
+def retrieval_figures(
+    top_ref: np.ndarray, top_cand: np.ndarray, relevance: np.ndarray, ks: tuple[int, ...]
+) -> dict[str, Any]:
+    """recall@K of each side's top-K item lists against relevance, their ratio and its resolution, agreement@K."""
+    recall_ref = metrics.recall_at_k(top_ref, relevance, ks)
+    recall_cand = metrics.recall_at_k(top_cand, relevance, ks)
+    ratio = {k: recall_cand[k] / recall_ref[k] if recall_ref[k] > 0 else float(recall_cand[k] == 0) for k in ks}
+    agreement = metrics.agreement_at_k(top_ref, top_cand, ks)
+    # The smallest step of the recall ratio: one hit at a query with a single relevant item.
+    judged = len(np.unique(relevance[:, 0]))
+    resolution = {k: 1.0 / (judged * recall_ref[k]) if recall_ref[k] > 0 else 1.0 for k in ks}
+    return {
         "recall": {"reference": _by_k(recall_ref), "candidate": _by_k(recall_cand)},
         "recall_ratio": _by_k(ratio),
         "recall_ratio_resolution": _by_k(resolution),
         "agreement": _by_k(agreement),
+    }
+
+
+def evaluate_corpus_retrieval(
+    pairs: dict[str, _Pair], data: CorpusEval, ks: tuple[int, ...], bar: StepBar | None = None
+) -> dict[str, Any]:
+    """As evaluate_retrieval, over a corpus the scan runs shard by shard (here or on Ray workers): per-shard exact
+    top-K merged k-way, item parity merged into the item pair's."""
+    bar = bar or StepBar(0, enabled=False)
+    bar.advance("embedding queries")
+    query_ref, query_cand = pairs["query"].run(data.queries)
+    embedding = pairs["query"].outputs[0]
+    k_max = min(max(ks), data.num_items)
+    ks = tuple(sorted({min(k, k_max) for k in ks}))
+    relevant = np.unique(data.relevance[:, 1])
+    search = SearchSpec({"reference": query_ref[embedding], "candidate": query_cand[embedding]}, k_max,
+                        pairs["item"].outputs, relevant)  # fmt: skip
+    bar.advance(f"embedding and searching {data.num_items:,} corpus items")
+    found = data.scan(pairs["item"].reference, pairs["item"].candidate, search)
+    for name, accumulator in found.parity.items():
+        pairs["item"].parity[name].merge(accumulator)
+    missing = relevant[~found.relevant_seen]
+    if missing.size:
+        raise DcncError(f"relevance names item id {missing[0]}, which the corpus {data.corpus} does not hold ({missing.size} such ids)")
+    relevance, top = dense_codes(data.relevance, found.top)
+    return {
+        "queries": data.num_queries,
+        "items": found.rows,
+        "corpus": data.corpus,
+        "relevant_pairs": int(len(data.relevance)),
+        **retrieval_figures(top["reference"], top["candidate"], relevance, ks),
     }
 
 
@@ -210,7 +251,7 @@ def verify_runners(
     reference: dict[str, Runner],
     candidate: dict[str, Runner],
     output_names: dict[str, list[str]],
-    data: RetrievalEval | RankingEval,
+    data: RetrievalEval | RankingEval | CorpusEval,
     thresholds: Thresholds,
     options: VerifyOptions | None = None,
     device: str = "cpu",
@@ -235,11 +276,17 @@ def verify_runners(
     }
     retrieval = ranking = latency = None
     retrieving = isinstance(data, RetrievalEval)
-    steps = (1 + -(-data.num_items // options.item_chunk) if retrieving else 1) + (len(pairs) if options.latency else 0)
+    scanning = isinstance(data, CorpusEval)
+    steps = (1 + -(-data.num_items // options.item_chunk) if retrieving else 2 if scanning else 1) + (
+        len(pairs) if options.latency else 0
+    )
     with StepBar(steps, enabled=options.progress, label="verify") as bar:
         if retrieving:
             retrieval = evaluate_retrieval(pairs, data, options.ks, options.item_chunk, bar)
             latency_feeds = {"query": data.queries, "item": data.items}
+        elif scanning:
+            retrieval = evaluate_corpus_retrieval(pairs, data, options.ks, bar)
+            latency_feeds = {"query": data.queries, "item": data.scan.sample(max(options.batch_sizes))}
         else:
             (pair,) = pairs.values()
             bar.advance("scoring the evaluation rows")
@@ -298,21 +345,21 @@ def _branch_timing(bundle: Path, manifest: Any, batch: int) -> dict[str, Any]:
     return result
 
 
-def _emulated_runners(bundle: Path, manifest: Any) -> dict[str, Runner] | None:
+def emulated_runners(bundle: Path, manifest: Any, device: str, towers: list[str] | None = None) -> dict[str, Runner] | None:
     """For half-precision graphs run by ONNX Runtime's CPU provider, which casts around its missing FP16 kernels
-    and so computes in FP32 (DESIGN.md decision 1): runners over the same graphs under half emulation, so parity
-    and recall are those of a GPU. None for other bundles."""
+    and so computes in FP32 (DESIGN.md decision 1): runners over the same graphs (of `towers`, default all) under
+    half emulation, so parity and recall are those of a GPU. None for other bundles and on CUDA."""
     from graphs.emulation import emulated_half_session
     from toolkit.backends.ort.runner import OrtRunner
 
-    if manifest.precision not in ("fp16", "bf16") or manifest.backend not in ("ort", "ort-cuda"):
+    if device != "cpu" or manifest.precision not in ("fp16", "bf16") or manifest.backend not in ("ort", "ort-cuda"):
         return None
     return {
         tower: OrtRunner(
-            emulated_half_session(load_onnx(bundle / entry.onnx), manifest.precision),
+            emulated_half_session(load_onnx(Path(bundle) / entry.onnx), manifest.precision),
             name=f"emulated-{manifest.precision}:{tower}", batch_range=manifest.batch_range(),
         )
-        for tower, entry in manifest.towers.items()
+        for tower, entry in manifest.towers.items() if towers is None or tower in towers
     }
 
 
@@ -328,6 +375,7 @@ def verify(
     branches: bool = True,
     inputs: list[str] | None = None,
     weights: str | Path | None = None,
+    corpus: CorpusScan | None = None,
 ) -> Report:
     """Verify the bundle at `bundle` against the model `reference` (anything `dcnc export` loads; a factory with
     its `inputs` NAME:DTYPE:SHAPE strings and `weights` state_dict, as `dcnc export` takes them).
@@ -336,6 +384,8 @@ def verify(
     device: "cpu" or "cuda" (both sides run and are timed there). gates_file / overrides: thresholds on top of
     the defaults for the bundle's precision. baseline: an earlier report (JSON) to compare latency against.
     branches: also time the cross and deep branch subgraphs of parallel towers (CPU only).
+    corpus: a retrieval model's items come from this scan of a corpus (toolkit.commands.embed.corpus_pass), and
+    `data` gives the queries and relevance naming corpus item ids.
     """
     from toolkit.backends.bundle import check_bundle, tower_runner
     from toolkit.backends.torch_runner import TorchRunner
@@ -358,13 +408,16 @@ def verify(
     towers = loaded.towers
     if len(towers) == 1 and len(manifest.towers) == 1:  # one tower each: the file's stem named the bundle's
         towers = {next(iter(manifest.towers)): next(iter(towers.values()))}
-    evaluation = load_eval(
-        data, {t: tw.input_specs for t, tw in towers.items()}, {t: list(tw.output_names) for t, tw in towers.items()}
-    )
+    specs = {t: tw.input_specs for t, tw in towers.items()}
+    if corpus is not None:
+        evaluation = load_corpus_eval(data, specs, corpus, corpus.label)
+    else:
+        evaluation = load_eval(data, specs, {t: list(tw.output_names) for t, tw in towers.items()})
     reference_runners = {t: TorchRunner(SignedTower(tw), device, name=f"torch:{t}") for t, tw in towers.items()}
     bundle_runners = {t: tower_runner(bundle, manifest, t) for t in manifest.towers}
-    emulated = _emulated_runners(Path(bundle), manifest) if device == "cpu" else None
-    names = {"reference": str(reference), "candidate": str(bundle), "precision": manifest.precision, "data": str(data)}
+    emulated = emulated_runners(Path(bundle), manifest, device)
+    names = {"reference": str(reference), "candidate": str(bundle), "precision": manifest.precision,
+             "data": str(data) if corpus is None else f"{data} (queries), {corpus.label} (items)"}
     if emulated:
         names["emulation"] = (
             f"{manifest.precision} answers computed under half emulation on CPU (every half tensor rounded as a GPU"

@@ -118,14 +118,16 @@ def reported_to(errors: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def one_line_failures(ray: Any, errors: Any, what: str) -> Iterator[None]:
-    """On the driver: any failure of a Ray execution as one DcncError line, the actors' own message if one was
-    recorded."""
+    """On the driver: any failure of a Ray execution as one DcncError line, the actors' own message where there
+    is one (an actor method's DcncError arrives as the `cause` of Ray's RayTaskError; one raised inside Ray Data
+    was recorded with `errors`)."""
     try:
         yield
-    except DcncError:
-        raise
     except Exception as err:  # Ray wraps whatever happened remotely in its own exception types
-        message = ray.get(errors.first.remote())
+        cause = getattr(err, "cause", err)  # a RayTaskError's `cause` is the exception the actor raised
+        message = str(cause) if isinstance(cause, DcncError) else None
+        if message is None and errors is not None:
+            message = ray.get(errors.first.remote())
         raise DcncError(message or f"{what} failed on Ray: {first_line(err)} ({RAY_LOGS})") from None
 
 
