@@ -137,9 +137,13 @@ class RayScan(LocalScan):
             plan = actor_plan(ray, self.options.concurrency, self.options.num_gpus, gpu_bundle)
             splits = item_dataset(ray, self.source).streaming_split(plan.concurrency)
             worker = ray.remote(num_cpus=plan.cpus, num_gpus=plan.gpus)(CorpusWorker)
-            with one_line_failures(ray, None, "the corpus pass"):
-                workers = [worker.remote(self.towers, self.described(), search, batch, plan.cpus) for _ in splits]
-                partials = ray.get([w.scan.remote(split) for w, split in zip(workers, splits)])
+            workers = [worker.remote(self.towers, self.described(), search, batch, plan.cpus) for _ in splits]
+            try:
+                with one_line_failures(ray, None, "the corpus pass"):
+                    partials = ray.get([w.scan.remote(split) for w, split in zip(workers, splits)])
+            finally:  # a failed pass's traceback still references the actors: free their CPUs and GPUs now
+                for actor in workers:
+                    ray.kill(actor)
             return merge_partials(partials, search.k)
 
 

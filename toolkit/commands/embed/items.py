@@ -183,7 +183,8 @@ def batch_feeds(batch: Any, specs: list[TensorSpec], id_column: str, where: str)
         nulls = column.null_count + (values.null_count if values is not column else 0)
         if nulls:
             raise DcncError(f"{where}: {spec.name!r} holds {nulls} nulls")
-        array = values.to_numpy(zero_copy_only=False).reshape(len(column), *spec.shape[1:])
+        # a copy where Arrow lends read-only memory: torch refuses to wrap it without a warning
+        array = values.to_numpy(zero_copy_only=False, writable=True).reshape(len(column), *spec.shape[1:])
         check_array(array, spec, where)
         feeds[spec.name] = array
     return ids, feeds
