@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.commands.embed.items import ItemSource, batch_feeds, outputs_table
+from toolkit.commands.embed.output import PARQUET_WRITE
 from toolkit.core.progress import StepBar
 from toolkit.evaluate.verify import run_batched
 
@@ -27,7 +28,7 @@ class ShardWriter:
 
         while table.num_rows:
             if self.writer is None:
-                self.writer = pq.ParquetWriter(self.folder / f"part-{self.shards:05d}.parquet", table.schema)
+                self.writer = pq.ParquetWriter(self.folder / f"part-{self.shards:05d}.parquet", table.schema, **PARQUET_WRITE)
                 self.shards += 1
             head, table = table.slice(0, self.shard_rows - self.in_shard), table.slice(self.shard_rows - self.in_shard)
             self.writer.write_table(head)

@@ -17,6 +17,7 @@ from typing import Any
 
 from toolkit.commands.embed.items import ItemSource, batch_feeds, outputs_table
 from toolkit.commands.embed.local import fixed_batches
+from toolkit.commands.embed.output import PARQUET_WRITE
 from toolkit.core.errors import DcncError, first_line
 
 INSTALL_HINT = "--engine ray needs Ray Data: pip install 'dcnc[ray]' (or pip install 'ray[data]')"
@@ -174,7 +175,7 @@ def embed_on_ray(
             batch_size=batch, batch_format="pyarrow", num_cpus=plan.cpus, num_gpus=plan.gpus or None,
         )  # fmt: skip
         with one_line_failures(ray, errors, "embedding"):
-            dataset.write_parquet(str(folder.resolve()), max_rows_per_file=shard_rows)
+            dataset.write_parquet(str(folder.resolve()), max_rows_per_file=shard_rows, **PARQUET_WRITE)
         return {"address": address or "local", "concurrency": plan.concurrency, "cpus_per_actor": plan.cpus,
                 "gpus_per_actor": plan.gpus, "cluster": {k: v for k, v in ray.cluster_resources().items()
                                                          if k in ("CPU", "GPU", "memory", "object_store_memory")}}  # fmt: skip

@@ -28,6 +28,9 @@ SCHEMA = "dcnc.embed/1"
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 OWNER = ".dcnc-embed-owner"  # in a staging folder while its run is alive: {"host", "pid"}
+# pyarrow's ParquetWriter settings for shards: dense float embeddings gain nothing from dictionary encoding, which
+# made writing 6x slower than the tower itself here and the files 1.5x larger (measured on 64-d float32 rows).
+PARQUET_WRITE = {"use_dictionary": False}
 
 
 def output_key(made_from: dict[str, Any]) -> str:
