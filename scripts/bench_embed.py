@@ -142,18 +142,36 @@ def measured(command: list[str]) -> dict:
     return {"wall_s": time.perf_counter() - start, "peak_pss_mib": peak[0] / 1024, "load_1min": load, "stdout": stdout}
 
 
-def torch_worker(checkpoint: str, items: str, out: str, batch: int) -> None:
-    """The torch eager baseline: the checkpoint's item tower through embed's own streamed reader and writer."""
+class ZeroTower:
+    """A runner that answers zeros of the tower's output shape at once: what is left is embed's own reading,
+    checking, converting and writing (the CPU work a GPU actor still does per item)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def __enter__(self) -> ZeroTower:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def infer(self, feeds: dict) -> dict:
+        return {"embedding": np.zeros((len(next(iter(feeds.values()))), self.dim), np.float32)}
+
+
+def worker(kind: str, checkpoint: str, items: str, out: str, batch: int) -> None:
+    """torch: the torch eager baseline, the checkpoint's item tower through embed's own streamed reader and
+    writer. io: the same with ZeroTower, embed's per-item cost outside the tower."""
     from toolkit.backends.torch_runner import TorchRunner
     from toolkit.commands.embed.items import open_items
     from toolkit.commands.embed.local import embed_local
     from toolkit.model.checkpoint import load_checkpoint
 
-    model, _, _ = load_checkpoint(checkpoint)
+    model, spec, _ = load_checkpoint(checkpoint)
     source = open_items(items, model.item.input_specs, "id")
     Path(out).mkdir(parents=True)
     start = time.perf_counter()
-    with TorchRunner(model.item) as runner:
+    with TorchRunner(model.item) if kind == "torch" else ZeroTower(spec.towers["item"].out_dim) as runner:
         rows = embed_local(source, runner, batch, Path(out), 1_000_000, progress=False)
     print(json.dumps({"rows": rows, "seconds": time.perf_counter() - start}))
 
@@ -161,8 +179,9 @@ def torch_worker(checkpoint: str, items: str, out: str, batch: int) -> None:
 def run_mode(mode: str, made: dict, items: Path, out: Path, batch: int) -> dict:
     target = out / "emb" / mode
     shutil.rmtree(target, ignore_errors=True)
-    if mode == "torch-eager":
-        result = measured([sys.executable, __file__, "--torch-worker", str(made["checkpoint"]), str(items), str(target), str(batch)])
+    if mode in ("torch-eager", "io-only"):
+        kind = "torch" if mode == "torch-eager" else "io"
+        result = measured([sys.executable, __file__, "--worker", kind, str(made["checkpoint"]), str(items), str(target), str(batch)])
         engine = json.loads(result["stdout"].strip().splitlines()[-1])
         seconds, rows = engine["seconds"], engine["rows"]
     else:
@@ -184,12 +203,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scale")
     parser.add_argument("--example", type=Path, default=ROOT / "runs" / "example")
-    parser.add_argument("--modes", default="local-fp32,local-int8,ray-int8,torch-eager")
-    parser.add_argument("--torch-worker", nargs=4, metavar=("CHECKPOINT", "ITEMS", "OUT", "BATCH"))
+    parser.add_argument("--modes", default="local-fp32,local-int8,ray-int8,torch-eager,io-only")
+    parser.add_argument("--no-verify", action="store_true", help="Skip the INT8 recall parity run.")
+    parser.add_argument("--worker", nargs=5, metavar=("KIND", "CHECKPOINT", "ITEMS", "OUT", "BATCH"))
     args = parser.parse_args()
-    if args.torch_worker:
-        checkpoint, items, out, batch = args.torch_worker
-        torch_worker(checkpoint, items, out, int(batch))
+    if args.worker:
+        kind, checkpoint, items, out, batch = args.worker
+        worker(kind, checkpoint, items, out, int(batch))
         return
     sys.path.insert(0, str(ROOT))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -201,19 +221,22 @@ def main() -> None:
         for mode in modes[round_ % len(modes):] + modes[: round_ % len(modes)]:  # the order rotates each round
             runs.append({"round": round_, **run_mode(mode, made, items, args.out, args.batch)})
             print(json.dumps(runs[-1]), flush=True)
-    report = args.out / f"verify-int8-{args.items}.json"
+    result = {"machine": {"cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0))}, "items": args.items,
+              "batch": args.batch, "runs": runs}  # fmt: skip
+    if not args.no_verify:
+        result["verify_int8"] = verify_int8(made, items, evaluation, args.out, args.items)
+    (args.out / "bench_embed.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print_table(result)
+
+
+def verify_int8(made: dict, items: Path, evaluation: Path, out: Path, count: int) -> dict:
+    """`dcnc verify --corpus` of the INT8 bundle against PyTorch over the corpus: recall, agreement, gates."""
+    report = out / f"verify-int8-{count}.json"
     verified = dcnc("verify", made["checkpoint"], made["int8"], "--data", evaluation, "--corpus", items, "--k", "10,100,1000",
                     "--no-latency", "--no-branches", "--quiet", "--report", report, check=False)  # fmt: skip
     recall = json.loads(report.read_text()) if verified.returncode in (0, 1) else {"error": verified.stderr}
-    result = {
-        "machine": {"cpu": platform.processor() or _cpu_name(), "cores": len(os.sched_getaffinity(0))},
-        "items": args.items, "batch": args.batch, "runs": runs,
-        "verify_int8": {"exit_code": verified.returncode,
-                        "retrieval": recall.get("retrieval"), "gates": recall.get("gates"),
-                        "parity_item": (recall.get("parity") or {}).get("item/embedding")},
-    }  # fmt: skip
-    (args.out / "bench_embed.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print_table(result)
+    return {"exit_code": verified.returncode, "seconds": recall.get("seconds"), "retrieval": recall.get("retrieval"),
+            "gates": recall.get("gates"), "parity_item": (recall.get("parity") or {}).get("item/embedding")}  # fmt: skip
 
 
 def _cpu_name() -> str:
@@ -230,8 +253,8 @@ def print_table(result: dict) -> None:
     for run in result["runs"]:
         print(f"| {run['mode']} | {run['round']} | {run['items_per_s']:,.0f} | {run['process_items_per_s']:,.0f} |"
               f" {run['wall_s']:.1f} | {run['peak_pss_mib']:,.0f} | {run['load_1min']:.2f} |")
-    verify = result["verify_int8"]
-    if verify["retrieval"]:
+    verify = result.get("verify_int8") or {}
+    if verify.get("retrieval"):
         recall = verify["retrieval"]["recall"]
         print(f"\nINT8 over {verify['retrieval']['items']:,} items (verify exit {verify['exit_code']}):")
         for k in ("10", "100", "1000"):

@@ -127,18 +127,26 @@ class _Pair:
         return {f"{self.tower}/{name}": acc.result() for name, acc in self.parity.items()}
 
 
+def _embed_queries(
+    pair: _Pair, data: RetrievalEval | CorpusEval, ks: tuple[int, ...], bar: StepBar
+) -> tuple[dict[str, np.ndarray], int, tuple[int, ...]]:
+    """Both sides' query embeddings, the K searched (no more than the items) and the Ks reported."""
+    bar.advance("embedding queries")
+    query_ref, query_cand = pair.run(data.queries)
+    embedding = pair.outputs[0]
+    k_max = min(max(ks), data.num_items)
+    queries = {"reference": query_ref[embedding], "candidate": query_cand[embedding]}
+    return queries, k_max, tuple(sorted({min(k, k_max) for k in ks}))
+
+
 def evaluate_retrieval(
     pairs: dict[str, _Pair], data: RetrievalEval, ks: tuple[int, ...], item_chunk: int, bar: StepBar | None = None
 ) -> dict[str, Any]:
     """Embed queries and items on both sides, exact top-K of each side, recall@K against relevance, agreement@K."""
     bar = bar or StepBar(0, enabled=False)
-    bar.advance("embedding queries")
-    query_ref, query_cand = pairs["query"].run(data.queries)
-    embedding = pairs["query"].outputs[0]
-    k_max = min(max(ks), data.num_items)
-    ks = tuple(sorted({min(k, k_max) for k in ks}))
-    search_ref = metrics.TopKSearch(query_ref[embedding], k_max)
-    search_cand = metrics.TopKSearch(query_cand[embedding], k_max)
+    queries, k_max, ks = _embed_queries(pairs["query"], data, ks, bar)
+    search_ref = metrics.TopKSearch(queries["reference"], k_max)
+    search_cand = metrics.TopKSearch(queries["candidate"], k_max)
     item_embedding = pairs["item"].outputs[0]
     for start in range(0, data.num_items, item_chunk):
         bar.advance(f"embedding items {start:,}-{min(start + item_chunk, data.num_items):,} of {data.num_items:,}")
@@ -179,14 +187,9 @@ def evaluate_corpus_retrieval(
     """As evaluate_retrieval, over a corpus the scan runs shard by shard (here or on Ray workers): per-shard exact
     top-K merged k-way, item parity merged into the item pair's."""
     bar = bar or StepBar(0, enabled=False)
-    bar.advance("embedding queries")
-    query_ref, query_cand = pairs["query"].run(data.queries)
-    embedding = pairs["query"].outputs[0]
-    k_max = min(max(ks), data.num_items)
-    ks = tuple(sorted({min(k, k_max) for k in ks}))
+    queries, k_max, ks = _embed_queries(pairs["query"], data, ks, bar)
     relevant = np.unique(data.relevance[:, 1])
-    search = SearchSpec({"reference": query_ref[embedding], "candidate": query_cand[embedding]}, k_max,
-                        pairs["item"].outputs, relevant)  # fmt: skip
+    search = SearchSpec(queries, k_max, pairs["item"].outputs, relevant)
     bar.advance(f"embedding and searching {data.num_items:,} corpus items")
     found = data.scan(pairs["item"].reference, pairs["item"].candidate, search)
     for name, accumulator in found.parity.items():
