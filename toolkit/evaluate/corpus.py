@@ -1,8 +1,8 @@
 """Recall parity over an item corpus too large to hold: per-shard exact top-K and item parity, merged across workers.
 
-A worker (one process, or one Ray actor) feeds CorpusSearch the shards it is given: item ids with both sides'
-tower outputs. Each shard is searched exactly (faiss, inner product) and folded into one heap per query and side,
-so a worker holds O(Q*K + shard) whatever the corpus size, never an N x M score matrix. A worker's CorpusPartial
+A worker (one process, or one Ray actor) feeds CorpusSearch the items it is given: item ids with both sides'
+tower outputs. Each shard (`chunk` items) is searched exactly (faiss, inner product) and folded into one heap per
+query and side, so a worker holds O(Q*K + shard) whatever the corpus size, never an N x M score matrix. A worker's CorpusPartial
 is small (the K best per query, the parity sums) and partials merge k-way into the answer for the whole corpus.
 """
 
@@ -39,26 +39,40 @@ class CorpusSearch:
     holds.
     """
 
-    def __init__(self, queries: dict[str, np.ndarray], k: int, outputs: list[str], relevant_ids: np.ndarray):
+    def __init__(
+        self, queries: dict[str, np.ndarray], k: int, outputs: list[str], relevant_ids: np.ndarray, chunk: int = 65536
+    ):  # fmt: skip
         self.searches = {side: TopKSearch(queries[side], k) for side in SIDES}
         self.outputs = outputs
         self.parity = {name: ParityAccumulator() for name in outputs}
         self.relevant_ids = relevant_ids
         self.relevant_seen = np.zeros(len(relevant_ids), dtype=bool)
         self.rows = 0
+        self.chunk = chunk
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def add(self, ids: np.ndarray, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> None:
-        """One shard: int64 item ids [n] and each side's outputs for those items."""
+        """Items as they come (int64 ids [n], each side's outputs for them): parity now, the search once `chunk`
+        rows are pending (a faiss search per inference batch would spend its time keeping K-heaps, not in BLAS)."""
         for name in self.outputs:
             self.parity[name].update(reference[name], candidate[name])
         embedding = self.outputs[0]
-        self.searches["reference"].add(reference[embedding], ids)
-        self.searches["candidate"].add(candidate[embedding], ids)
+        self.pending.append((ids, reference[embedding], candidate[embedding]))
         self.relevant_seen |= np.isin(self.relevant_ids, ids)
         self.rows += len(ids)
+        if sum(len(p[0]) for p in self.pending) >= self.chunk:
+            self._search()
+
+    def _search(self) -> None:
+        if self.pending:
+            ids, reference, candidate = (np.concatenate(part) for part in zip(*self.pending))
+            self.searches["reference"].add(reference, ids)
+            self.searches["candidate"].add(candidate, ids)
+            self.pending = []
 
     def partial(self) -> CorpusPartial:
         """This worker's share (call once, after its last shard); a worker that got no rows has empty lists."""
+        self._search()
         if self.rows:
             top = {side: search.result() for side, search in self.searches.items()}
         else:
