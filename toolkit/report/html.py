@@ -147,6 +147,9 @@ def _speedup_charts(reports: dict[str, dict[str, Any]]) -> str:
             band = [(b, *e["ci"]) for b, e in judged if isinstance(e.get("ci"), list) and len(e["ci"]) == 2]
             series.append(Series(name, points, PALETTE[i % len(PALETTE)], band))
         batches = sorted({p[0] for s in series for p in s.points})
+        if not batches:
+            charts.append(f'<p class="note">{escape(tower)}: no speedup to draw: every figure was inconclusive.</p>')
+            continue
         charts.append(line_chart(series, f"{tower}: speedup over the reference", "batch size",
                                  "median of paired ratios", x_log=True, y_log=True, x_ticks=batches))
     return f'<div class="charts">{"".join(charts)}</div>' if charts else ""
