@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from toolkit.backends.bundle import check_bundle, tower_runner
-from toolkit.backends.torch_runner import TorchRunner
+from toolkit.backends.torch_runner import REFERENCE_MATH, TorchRunner
 from toolkit.core.errors import DcncError
 from toolkit.core.onnxio import load_onnx
 from toolkit.evaluate.evaldata import load_eval
@@ -112,6 +112,8 @@ def verify(
     bundle_runners = {t: tower_runner(bundle, manifest, t) for t in manifest.towers}
     emulated = _emulated_runners(Path(bundle), manifest) if device == "cpu" else None
     names = {"reference": str(reference), "candidate": str(bundle), "precision": manifest.precision, "data": str(data)}
+    if device == "cuda":  # where TF32 could otherwise have been on
+        names["reference_math"] = REFERENCE_MATH
     if emulated:
         names["emulation"] = (
             f"{manifest.precision} answers computed under half emulation on CPU (every half tensor rounded as a GPU"

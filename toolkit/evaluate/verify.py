@@ -215,7 +215,7 @@ def verify_runners(
 ) -> Report:
     """Compare active runners tower by tower (reference and candidate share tower names) and gate the result.
 
-    names: "reference", "candidate", "precision", "data", "emulation" shown in the report. baseline: an earlier
+    names: "reference", "candidate", "precision", "data", "emulation", "reference_math" shown in the report. baseline: an earlier
     report whose latency this run must not regress beyond its own noise. timed: the runners latency is
     measured on, when `candidate` answers through an emulation of them (default: the candidates).
     """
@@ -261,6 +261,7 @@ def verify_runners(
         thresholds=dataclasses.asdict(thresholds),
         data=names.get("data", ""),
         emulation=names.get("emulation"),
+        reference_math=names.get("reference_math"),
         seconds=time.perf_counter() - start,
         machine=machine_info(device),
     )

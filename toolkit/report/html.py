@@ -312,8 +312,9 @@ def _target(index: int, name: str, report: dict[str, Any]) -> str:
     took = f"; verified in {seconds:.1f} s" if usable(seconds) else ""
     parts = [f'<section id="target-{index}"><h2>{escape(name)} {_badge(report.get("passed"))}</h2>',
              f"<p>{facts}{took}.</p>" if facts else ""]
-    if report.get("emulation"):
-        parts.append(f'<p class="note">Note: {escape(str(report["emulation"]))}.</p>')
+    for key in ("reference_math", "emulation"):
+        if report.get(key):
+            parts.append(f'<p class="note">Note: {escape(str(report[key]))}.</p>')
     parts += [_gates(report), _parity(report)]
     if isinstance(report.get("retrieval"), dict):
         parts.append(_retrieval(report["retrieval"]))
