@@ -9,9 +9,11 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from toolkit import __version__
 from toolkit.core.errors import DcncError, GateFailed
+from toolkit.core.machine import quiet_openmp
 
 app = typer.Typer(
     name="dcnc",
@@ -30,11 +32,11 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except DcncError as err:
-            console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        except DcncError as err:  # escaped: a message may hold brackets rich would take for markup ('dcnc[ray]')
+            console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except GateFailed as err:
-            console.print(f"[red]FAILED:[/red] {err}", highlight=False, soft_wrap=True)
+            console.print(f"[red]FAILED:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
@@ -135,9 +137,13 @@ def verify(
     baseline: str = typer.Option(None, "--baseline", help="An earlier JSON report: fail if latency regressed beyond this run's noise."),
     k: str = typer.Option("1,10,100", "--k", help="K values for recall@K and agreement@K."),
     batch_sizes: str = typer.Option("1,64,512", "--batch-sizes", help="Latency batch sizes (those outside the bundle's profile are skipped)."),
-    iterations: int = typer.Option(50, "--iterations", help="Timed rounds per batch size."),
+    iterations: int = typer.Option(50, "--iterations", help="Timed rounds per batch size (reference and candidate alternate call by call)."),
     warmup: int = typer.Option(10, "--warmup", help="Untimed rounds per batch size first."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure latency."),
+    latency_ci: float = typer.Option(0.10, "--latency-ci", help="Widest 95% interval of a speedup, relative to it, that is reported as a figure; wider is 'inconclusive' and fails latency gates."),
+    latency_budget: float = typer.Option(3.0, "--latency-budget", help="Seconds of extra rounds per batch size allowed to narrow a wider interval (0: none)."),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads of both sides while timing (default: the cores other work leaves free at the start)."),
+    require_quality: bool = typer.Option(False, "--require-quality", help="Refuse data without relevance pairs or labels (exit 2) instead of verifying numeric parity and latency only."),
     branches: bool = typer.Option(True, "--branches/--no-branches", help="Also time the cross and deep branch subgraphs (CPU)."),
     cosine_min: float = typer.Option(None, "--cosine-min", help="Gate: lowest per-sample cosine, at least."),
     rel_l2: float = typer.Option(None, "--rel-l2", help="Gate: relative L2 error, at most."),
@@ -149,18 +155,33 @@ def verify(
     min_speedup: float = typer.Option(None, "--min-speedup", help="Gate: reference p50 / candidate p50, at least (off by default)."),
     latency_tolerance: float = typer.Option(None, "--latency-tolerance", help="With --baseline: smallest regression flagged (default 0.02)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar (corpus embedding, latency sweep)."),
+    corpus: str = typer.Option(None, "--corpus", help="Retrieval: take the items from this corpus (Parquet file or folder, or .npz, as `dcnc embed` reads) instead of --data's item/*; --data then holds query/* and relevance as (query row, corpus item id). Both sides embed every item; exact top-K is searched shard by shard and merged."),
+    engine: str = typer.Option("local", "--engine", help="With --corpus: local (this process) or ray (Ray Data actors embed and search shares of the corpus; merged here)."),
+    address: str = typer.Option(None, "--address", help="With --engine ray: the cluster to join. Default: a local Ray."),
+    concurrency: int = typer.Option(None, "--concurrency", help="With --engine ray: the actors. Default as `dcnc embed`."),
+    num_gpus: float = typer.Option(None, "--num-gpus", help="With --engine ray: GPUs per actor. Default as `dcnc embed`."),
+    id_column: str = typer.Option("id", "--id-column", help="With --corpus: the corpus column holding item ids (integers)."),
 ) -> None:
     """Check a bundle against its PyTorch original: parity, recall@K or AUC, and latency; exit 1 if a gate fails."""
+    quiet_openmp()  # before torch loads: OpenMP reads its wait policy once
+    from toolkit.commands.embed.command import EngineOptions
+    from toolkit.commands.verify import Corpus
     from toolkit.commands.verify import verify as run_verify
+    from toolkit.evaluate.latency import LatencyPolicy
     from toolkit.evaluate.verify import VerifyOptions
     from toolkit.report import verify as reports
 
     options = VerifyOptions(ks=_ints(k, "--k"), batch_sizes=_ints(batch_sizes, "--batch-sizes"),
-                            iterations=iterations, warmup=warmup, latency=latency, progress=not quiet)
+                            iterations=iterations, warmup=warmup, latency=latency, progress=not quiet,
+                            policy=LatencyPolicy(latency_ci, latency_budget), threads=threads)
     overrides = {"cosine_min": cosine_min, "rel_l2": rel_l2, "max_abs": max_abs, "recall_ratio": recall_ratio,
                  "agreement": agreement, "auc_diff": auc_diff, "logloss_diff": logloss_diff,
                  "min_speedup": min_speedup, "latency_tolerance": latency_tolerance}
-    result = run_verify(reference, bundle, data, device, options, gates, overrides, baseline, branches, inputs, weights)
+    if not corpus and (engine != "local" or address or concurrency or num_gpus):
+        raise DcncError("--engine, --address, --concurrency and --num-gpus choose where --corpus is embedded; pass --corpus")
+    engine_options = EngineOptions(engine, address, None, concurrency, num_gpus, progress=not quiet)
+    result = run_verify(reference, bundle, data, device, options, gates, overrides, baseline, branches, inputs, weights,
+                        require_quality, Corpus(corpus, engine_options, id_column) if corpus else None)  # fmt: skip
     for path, write in ((report, reports.write_json), (junit, reports.write_junit), (markdown, reports.write_markdown)):
         if path:
             write(result, path)
@@ -176,6 +197,46 @@ def verify(
         print(f"HTML report: {html}")
     if not result.passed:
         raise GateFailed(", ".join(g.name for g in result.failed_gates))
+
+
+# --- dcnc embed ----------------------------------------------------------------------------------------------
+EMBED_EPILOG = """ITEMS is a Parquet file or folder (every *.parquet under it; names starting with . or _ skipped) with one column per tower input, named as the input: a [B] input a plain column of its dtype (int64 ids), a [B, d] input a fixed-size list column of d values (pyarrow: pa.list_(pa.float32(), d)); and an id column (--id-column). Or an .npz keyed by input name (loaded whole; ids are row numbers unless it has the id array).
+
+DIR gets shards/*.parquet (the id column, then each tower output as a fixed-size float32 list) and manifest.json (schema dcnc.embed/1: bundle hash, tower, rows, shards with hashes, engine, seconds, items/s). Read it back with pandas.read_parquet("DIR/shards") or ray.data.read_parquet("DIR/shards"). DIR appears whole or not at all: a run that fails or is killed leaves nothing, and the next run clears what a killed one staged. Running again with the same bundle, tower, items and batch size is a no-op.
+
+Examples: `dcnc embed bundles/two_tower --data items/ --out emb/` (this machine, every core); `dcnc embed bundles/two_tower --data items/ --out emb/ --engine ray` (a local Ray cluster); `dcnc embed bundles/trt-fp16 --data /shared/items --out /shared/emb --engine ray --address auto --num-gpus 1 --batch-size 65536` (a GPU cluster: one actor per GPU; paths must be visible to every node). Both engines give identical embeddings. docs/scale.md: sizing a cluster, GPU batch sizes, 1B-item estimates.
+
+Exit codes: 0 written (or already current); 2 bad input: a missing column or wrong type or width, nulls, NaN/Inf, an id outside its embedding table, an empty corpus, an unwritable DIR, a changed bundle, Ray not installed (nothing is written)."""
+
+
+@app.command(epilog=EMBED_EPILOG)
+@user_errors
+def embed(
+    bundle: str = typer.Argument(..., help="A bundle directory written by `dcnc build`."),
+    data: str = typer.Option(..., "--data", help="ITEMS: a Parquet file or folder, or an .npz (see below)."),
+    out: str = typer.Option(..., "--out", help="DIR: the output folder (Parquet shards and manifest.json)."),
+    tower: str = typer.Option("item", "--tower", help="The bundle's tower to run."),
+    engine: str = typer.Option("local", "--engine", help="local: this process, its ONNX Runtime session on every usable core. ray: Ray Data actors, one bundle runner each (pip install 'dcnc[ray]')."),
+    address: str = typer.Option(None, "--address", help="ray: the cluster to join (auto, or ray://head:10001). Default: start a local Ray on this machine's cores."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Rows per inference call, inside the bundle's batch profile. Default: the profile's largest batch."),
+    concurrency: int = typer.Option(None, "--concurrency", help="ray: the number of actors. Default: one per GPU for GPU bundles, else one per CPU but one (Ray Data's read and write tasks need it)."),
+    num_gpus: float = typer.Option(None, "--num-gpus", help="ray: GPUs per actor (0.5 packs two actors on a GPU). Default: 1 for ort-cuda and tensorrt bundles, 0 for CPU bundles."),
+    id_column: str = typer.Option("id", "--id-column", help="The column of ITEMS carried to the output as each row's id."),
+    shard_rows: int = typer.Option(1_000_000, "--shard-rows", help="Rows per output Parquet file, at most."),
+    force: bool = typer.Option(False, "--force", help="Replace DIR when it holds something else (an output made from other inputs)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Embed every item of a corpus with a bundle's tower: Parquet shards and a manifest, locally or on Ray."""
+    from toolkit.commands.embed.command import EngineOptions
+    from toolkit.commands.embed.command import embed as run_embed
+
+    options = EngineOptions(engine, address, batch_size, concurrency, num_gpus, progress=not quiet)
+    manifest, current = run_embed(bundle, data, out, tower, options, id_column, shard_rows, force)
+    if current:
+        print(f"{out}: current ({manifest['rows']:,} rows, made by the {manifest['engine']['name']} engine); nothing to do")
+        return
+    print(f"{out}: {manifest['rows']:,} rows in {len(manifest['shards'])} shards, {manifest['seconds']:.1f} s,"
+          f" {manifest['items_per_s']:,.0f} items/s ({manifest['engine']['name']} engine, batch {manifest['engine']['batch_size']})")
 
 
 # --- dcnc build -----------------------------------------------------------------------------------------------
@@ -327,6 +388,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the summary JSON to stdout instead of the table."),
 ) -> None:
     """The whole job in one command: train-if-needed, export, build every target, verify each; one summary."""
+    quiet_openmp()  # before torch loads: OpenMP reads its wait policy once
     import json
 
     from toolkit.commands.run.pipeline import load_pipeline
@@ -409,6 +471,7 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no table."),
 ) -> None:
     """Benchmark a model's towers across runtimes over a batch sweep, interleaved: p50/p90/p99, throughput, speedup over torch eager, % of the measured MatMul peak."""
+    quiet_openmp()  # before torch loads: OpenMP reads its wait policy once
     from toolkit.commands.bench.benchmark import (
         BenchOptions,
         bench_tables,

@@ -111,6 +111,17 @@ class TorchRunner(Runner):
         return call
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def torch_runners(checkpoint: str | Path, device: str = "cpu") -> dict[str, TorchRunner]:
     """One TorchRunner per tower of the model in a dcnc checkpoint, named `torch:<tower>`."""
     from toolkit.model.checkpoint import load_checkpoint

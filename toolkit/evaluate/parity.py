@@ -163,6 +163,23 @@ class ParityAccumulator:
         self.cos_min = min(self.cos_min, float(cosine.min(initial=np.inf)))
         self.rows += len(cosine)
 
+    def merge(self, other: ParityAccumulator) -> None:
+        """Add what `other` accumulated over other rows (a worker's share of a corpus), as if updated here."""
+        self.bins += other.bins
+        self.count += other.count
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.sq_diff += other.sq_diff
+        self.sq_ref += other.sq_ref
+        self.cos_sum += other.cos_sum
+        self.cos_min = min(self.cos_min, other.cos_min)
+        self.rows += other.rows
+        self.dot += other.dot
+        self.norm_ref += other.norm_ref
+        self.norm_cand += other.norm_cand
+        self.vector_output = self.vector_output or other.vector_output
+        for key, count in other.nonfinite.items():
+            self.nonfinite[key] += count
+
     def quantile(self, q: float) -> float:
         """Upper bound of the q-quantile of |c - r|, the smallest error with a share q of all errors at or below it
         (within 3.7 %; 0 when at or below 1e-12)."""

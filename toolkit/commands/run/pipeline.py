@@ -61,8 +61,9 @@ class ExportSettings:
 
 @dataclass(frozen=True)
 class VerifySettings:
-    """toolkit.evaluate.verify.verify's options. data None: the evaluation split the checkpoint names. gates: threshold
-    overrides (toolkit.evaluate.gates keys) on top of the bundle precision's defaults."""
+    """toolkit.commands.verify.verify's options. data None: the evaluation split the checkpoint names. gates:
+    threshold overrides (toolkit.evaluate.gates keys) on top of the bundle precision's defaults. latency_ci /
+    latency_budget: toolkit.evaluate.latency.LatencyPolicy's tolerance and budget_s."""
 
     data: Path | None = None
     ks: tuple[int, ...] = (1, 10, 100)
@@ -70,6 +71,8 @@ class VerifySettings:
     iterations: int = 50
     warmup: int = 10
     latency: bool = True
+    latency_ci: float = 0.10
+    latency_budget: float = 3.0
     branches: bool = True
     gates: dict[str, float] = field(default_factory=dict)
 
@@ -287,6 +290,7 @@ class _Reader:
         return self.table(data, where, {
             "data": self.file, "ks": _integers, "batch_sizes": _integers, "iterations": _integer,
             "warmup": lambda v: _integer(v, 0), "latency": _boolean, "branches": _boolean, "gates": _gates,
+            "latency_ci": _number, "latency_budget": _number,
         })
 
     def targets(self, data: Any, where: str) -> tuple[Target, ...]:
