@@ -78,6 +78,14 @@ def quality(report: dict) -> str:
     return ", ".join(f"{name} dAUC {entry['auc']['diff']:+.1e}" for name, entry in outputs.items())
 
 
+def speedup(entry: dict) -> str:
+    """The paired speedup with its 95% interval, or what is known of it when too wide to stand behind."""
+    text = fmt(entry.get("speedup"))
+    if entry.get("ci"):
+        text += f" [{fmt(entry['ci'][0])}, {fmt(entry['ci'][1])}]"
+    return text if entry.get("verdict", "conclusive") == "conclusive" else f"{text} {entry['verdict']}"
+
+
 def verify_rows(reports: dict[str, dict]) -> list[str]:
     rows = []
     for name, report in reports.items():
@@ -88,19 +96,19 @@ def verify_rows(reports: dict[str, dict]) -> list[str]:
         for tower, batches in ((report.get("latency") or {}).get("towers") or {}).items():
             for batch, entry in batches.items():
                 rows.append([*head, f"{tower} {batch}", fmt(entry["reference"]["p50_ms"]),
-                             fmt(entry["candidate"]["p50_ms"]), fmt(entry.get("speedup"))])
+                             fmt(entry["candidate"]["p50_ms"]), speedup(entry)])
                 head = [""] * 5
         if head[0]:
             rows.append([*head, "", "", "", ""])
     header = ["target", "gates", "cosine min", "rel L2", "quality", "tower batch", "p50 ms torch", "p50 ms bundle",
-              "speedup"]
+              "speedup [95% interval]"]
     return table(header, rows)
 
 
 def peak_text(peaks: dict) -> str:
     """Measured MatMul peaks; a peak the bench could not measure shows its reason instead of a number."""
     return ", ".join(
-        f"{key} {value['gflops'] / 1000:.1f} TFLOP/s" if "gflops" in value else f"{key} not measured ({value.get('skipped')})"
+        f"{key} {value['gflops']:.0f} GFLOP/s" if "gflops" in value else f"{key} not measured ({value.get('skipped')})"
         for key, value in peaks.items()
     )
 

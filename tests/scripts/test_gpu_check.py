@@ -87,7 +87,7 @@ def test_results_tables_survive_skipped_peaks_and_steps_that_measured_nothing(tm
                                                     "peaks": {"fp32": {"gflops": 90.0}, "bf16": skipped}}))  # fmt: skip
     script("results").main(work, out)
     text = (out / "results.md").read_text()
-    assert "torch:cpu:fp16 not measured (matmul peak: torch fp16 on cpu" in text
+    assert "torch:cpu:fp32 2100 GFLOP/s, torch:cpu:fp16 not measured (matmul peak: torch fp16 on cpu" in text
     assert "| bench | exit 124 (timed out after 150 s) | 150 |" in text
     assert "| branches | skipped: no time left of the 420 s budget | 0 |" in text
     assert "## Probe: a real session, TF32 off and on\n\nnot measured" in text
