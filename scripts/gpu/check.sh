@@ -52,14 +52,16 @@ prepare() {
     if [ ! -f "$DATA/models/ranker.pt" ]; then
         "$py" -m cli train --out "$DATA/models" --quiet || return 1
     fi
-    [ -f "$DATA/onnx/two_tower/query.onnx" ] || "$py" -m cli export "$DATA/models/two_tower.pt" -o "$DATA/onnx/two_tower" --force || return 1
-    [ -f "$DATA/onnx/ranker/ranker.onnx" ] || "$py" -m cli export "$DATA/models/ranker.pt" -o "$DATA/onnx/ranker/ranker.onnx" --force || return 1
+    if [ ! -f "$DATA/onnx/ranker/ranker.onnx" ]; then
+        "$py" -m cli export "$DATA/models/two_tower.pt" -o "$DATA/onnx/two_tower" --force || return 1
+        "$py" -m cli export "$DATA/models/ranker.pt" -o "$DATA/onnx/ranker/ranker.onnx" --force || return 1
+    fi
     [ "${1:-}" = "--no-wheels" ] && return 0
     mkdir -p "$DATA/wheels/ort" "$DATA/wheels/small" "$DATA/wheels/download"
     "$py" -m pip download -q --no-deps "${pip_platform[@]}" -d "$DATA/wheels/download" \
         "onnxruntime-gpu==$(echo "$ORT_GPU_WHEEL" | cut -d- -f2)" "${SMALL_WHEELS[@]}" || return 1
     for wheel in "$DATA"/wheels/download/*.whl; do
-        checked "$wheel" || { echo "prepare: $(basename "$wheel") is not the wheel scripts/gpu/wheels.sha256 pins"; return 1; }
+        checked "$wheel" || { echo "prepare: $(basename "$wheel") is not the one wheels.sha256 pins"; return 1; }
     done
     mv "$DATA"/wheels/download/*.whl "$DATA/wheels/small/"
     mv "$DATA/wheels/small/$ORT_GPU_WHEEL" "$DATA/wheels/"
@@ -196,9 +198,13 @@ check() {
     rm -f "$OUT"/{results.md,check.json,verify.json,bench.json,log.txt}
     exec > >(tee -a "$WORK/log.txt") 2>&1
     {
-        if [ -n "$DRY" ]; then echo "dry run on CPU ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)): ONNX Runtime's CPU provider for ort-cuda, torch on CPU, no CUDA graphs, no TF32"
+        if [ -n "$DRY" ]; then
+            echo "dry run on CPU ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores," \
+                 "load $(cut -d' ' -f1 /proc/loadavg)): ONNX Runtime's CPU provider for ort-cuda, torch on CPU," \
+                 "no CUDA graphs, no TF32"
         else nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1; fi
-        "$PY" -c 'import platform, torch; print(f"Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda})")'
+        "$PY" -c 'import platform, torch; print(f"Python {platform.python_version()}, torch {torch.__version__},", end=" ")
+print(f"CUDA {torch.version.cuda}")'
     } > "$WORK/machine.txt"
     cat "$WORK/machine.txt"
     if [ -n "$DRY" ]; then skip install "dry run: the installed onnxruntime (CPU) stands in for onnxruntime-gpu"
@@ -258,7 +264,8 @@ else
     export LATENCY_BUDGET=1  # seconds of extra rounds per batch size when a speedup's interval is wide
     export PYTHONPATH=$SITE:$ROOT  # the carried onnxruntime-gpu before the image's CPU onnxruntime
     # the CUDA 13 / cuDNN libraries of torch's nvidia wheels, for onnxruntime's CUDA provider (see probe.py)
-    nvidia=$("$PY" -c 'import glob, os, site; print(":".join(sorted(glob.glob(os.path.join(site.getsitepackages()[0], "nvidia", "*", "lib")))))')
+    nvidia=$("$PY" -c 'import glob, os, site
+print(":".join(sorted(glob.glob(os.path.join(site.getsitepackages()[0], "nvidia", "*", "lib")))))')
     export LD_LIBRARY_PATH=$nvidia${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
 check

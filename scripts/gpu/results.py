@@ -90,7 +90,8 @@ def verify_rows(reports: dict[str, dict]) -> list[str]:
     rows = []
     for name, report in reports.items():
         parity = report["parity"].values()
-        gates = f"{'PASS' if report['passed'] else 'FAIL'} {sum(g['passed'] for g in report['gates'])}/{len(report['gates'])}"
+        passed = sum(g["passed"] for g in report["gates"])
+        gates = f"{'PASS' if report['passed'] else 'FAIL'} {passed}/{len(report['gates'])}"
         head = [name, gates, fmt(min(p["cosine_min"] for p in parity), 8), fmt(max(p["rel_l2"] for p in parity)),
                 quality(report)]
         for tower, batches in ((report.get("latency") or {}).get("towers") or {}).items():
@@ -117,7 +118,8 @@ def bench_rows(bench: dict) -> list[str]:
     lines = []
     for tower, body in bench["towers"].items():
         sizes = sorted({int(b) for r in body["runners"].values() for b in (r.get("batches") or {})})
-        lines += ["", f"**{tower}** ({fmt(body.get('flops_per_sample'))} FLOPs/sample), p50 ms (% of the MatMul peak):", ""]
+        flops = fmt(body.get("flops_per_sample"))
+        lines += ["", f"**{tower}** ({flops} FLOPs/sample), p50 ms (% of the MatMul peak):", ""]
         rows = []
         for runner, result in body["runners"].items():
             if result.get("status") != "ok":

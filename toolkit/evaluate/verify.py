@@ -275,9 +275,9 @@ def verify_runners(
     """Compare active runners tower by tower (reference and candidate share tower names) and gate the result.
 
     names: "reference", "candidate", "precision", "data", "emulation", "reference_math" shown in the report.
-    baseline: an earlier report whose latency this run must not regress beyond its own noise. timed: the runners latency is
-    measured on, when `candidate` answers through an emulation of them (default: the candidates). load: the
-    machine's at the start, recorded with the latency.
+    baseline: an earlier report whose latency this run must not regress beyond its own noise. timed: the runners
+    latency is measured on, when `candidate` answers through an emulation of them (default: the candidates).
+    load: the machine's at the start, recorded with the latency.
     """
     options = options or VerifyOptions()
     names = names or {}
