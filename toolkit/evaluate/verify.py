@@ -277,10 +277,10 @@ def verify_runners(
 ) -> Report:
     """Compare active runners tower by tower (reference and candidate share tower names) and gate the result.
 
-    names: "reference", "candidate", "precision", "data", "emulation" shown in the report. baseline: an earlier
-    report whose latency this run must not regress beyond its own noise. timed: the runners latency is
-    measured on, when `candidate` answers through an emulation of them (default: the candidates). load: the
-    machine's at the start, recorded with the latency.
+    names: "reference", "candidate", "precision", "data", "emulation", "reference_math" shown in the report.
+    baseline: an earlier report whose latency this run must not regress beyond its own noise. timed: the runners
+    latency is measured on, when `candidate` answers through an emulation of them (default: the candidates).
+    load: the machine's at the start, recorded with the latency.
     """
     options = options or VerifyOptions()
     names = names or {}
@@ -335,6 +335,7 @@ def verify_runners(
         thresholds=dataclasses.asdict(thresholds),
         data=names.get("data", ""),
         emulation=names.get("emulation"),
+        reference_math=names.get("reference_math"),
         quality_absent=data.why if isinstance(data, NumericEval) else None,
         seconds=time.perf_counter() - start,
         machine=machine_info(device),
