@@ -191,6 +191,9 @@ def quantize_with_ranges(
         "WeightSymmetric": True,
         "QuantizeBias": config.quantize_bias,
         "MatMulConstBOnly": True,
+        # a ReLU stays in the graph (ORT folds it into the QGemm's output range): dropped, as by default,
+        # its clamp would live only in a Q/DQ pair that float_exit_gemms may remove
+        "QDQKeepRemovableActivations": True,
         "OpTypesToExcludeOutputQuantization": [] if config.quantize_outputs else list(WEIGHT_OPS),
     }
     with tempfile.TemporaryDirectory(prefix="dcnc-int8-") as tmp, _quiet_quantizer():

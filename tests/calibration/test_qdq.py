@@ -190,6 +190,22 @@ def test_keep_fp32_leaves_the_node_in_float(entropy_ranges):
     assert head not in nodes and initializers[node.input[1]].dtype == np.float32
 
 
+def test_keep_fp32_of_the_gemm_after_a_relu_keeps_the_relu(calibration):
+    # quantize_static drops a ReLU whose output range starts at 0 (the Q clamps); when the Gemm reading it
+    # stays float the Q/DQ pair goes (float exit) and with it the clamp, unless the ReLU is kept in the graph
+    model = tower_graph()
+    relus = sum(n.op_type == "Relu" for n in model.graph.node)
+    quantized, _ = quantize_int8(model, calibration, keep_fp32=["deep/1/Gemm"])
+    feeds = random_feeds(model, 256, seed=5)
+    assert sum(n.op_type == "Relu" for n in quantized.graph.node) == relus
+    assert _cosine(run(quantized, feeds)[0], run(model, feeds)[0]) > 0.999
+
+
+def test_cpu_target_folds_every_relu_into_its_integer_gemm(calibration, tmp_path):
+    quantized, _ = quantize_int8(tower_graph(), calibration, target="cpu")
+    assert "Relu" not in optimized_op_types(quantized, tmp_path)
+
+
 def test_keep_fp32_of_an_unknown_node_is_a_user_error(entropy_ranges):
     with pytest.raises(DcncError, match="no node 'nope'"):
         quantize_with_ranges(tower_graph(), entropy_ranges, "cpu", keep_fp32=["nope"])
