@@ -35,6 +35,7 @@ from toolkit.core.errors import DcncError
 TARGETS = ("cpu", "tensorrt")
 WEIGHT_OPS = ("Gemm", "MatMul")
 EMBEDDING_OPS = ("Gather",)
+CROSS_PATHS = ("integer", "float")
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,9 @@ def quantizable_nodes(model, target: str = "cpu", quantize_embeddings: bool = Fa
     return names
 
 
-def unclipped_tensors(model) -> set[str]:
-    """Tensors that keep their minmax range whatever the method: both inputs and the output of every residual
-    Add (an Add of two activations, one computed from the other) and the output of every product of two
-    activations (the cross layer's x0 * (W x + b)), since clipping them clips the skip path."""
+def cross_nodes(model) -> tuple[list, list]:
+    """The cross layers' products of two activations (x0 * (W x + b)) and residual Adds (an Add of two
+    activations, one computed from the other), as node lists in graph order."""
     producer = {out: node for node in model.graph.node for out in node.output}
     constants = {init.name for init in model.graph.initializer} | {
         out for node in model.graph.node if node.op_type == "Constant" for out in node.output
@@ -131,17 +131,81 @@ def unclipped_tensors(model) -> set[str]:
                 stack.extend(producer[name].input)
         return seen
 
-    keep: set[str] = set()
+    products, residuals = [], []
     for node in model.graph.node:
         activations = [t for t in node.input if t and t not in constants]
         if len(activations) != 2 or node.op_type not in ("Add", "Mul"):
             continue
         a, b = activations
         if node.op_type == "Mul":
-            keep.update(node.output)
+            products.append(node)
         elif a in ancestors(b) or b in ancestors(a):
-            keep.update([a, b, *node.output])
+            residuals.append(node)
+    return products, residuals
+
+
+def unclipped_tensors(model) -> set[str]:
+    """Tensors that keep their minmax range whatever the method: both inputs and the output of every residual
+    Add and the output of every product of two activations (the cross layer's x0 * (W x + b)), since clipping
+    them clips the skip path."""
+    products, residuals = cross_nodes(model)
+    keep = {out for node in products for out in node.output}
+    for node in residuals:
+        keep.update([*node.input, *node.output])
     return keep
+
+
+def float_cross_nodes(model, op_types) -> list[str]:
+    """The nodes the float cross path leaves in float: the cross layers' products and residual Adds, and each
+    Concat of `op_types` whose output one of them reads (x0: the Gemms reading it get their own Q/DQ pair)."""
+    products, residuals = cross_nodes(model)
+    chosen = {node.name for node in products + residuals}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    for node in reversed(model.graph.node):  # readers come after producers: one backward sweep reaches x0
+        if node.op_type == "Concat" and "Concat" in op_types:
+            if any(reader in chosen for out in node.output for reader in readers.get(out, [])):
+                chosen.add(node.name)
+    return [node.name for node in model.graph.node if node.name in chosen]
+
+
+def float_readers_read_float(model, float_nodes) -> None:
+    """In place: a float node reading the dequantized copy of a tensor that a float node produced (or a graph
+    input, or a lookup) reads the tensor itself, so only the quantized readers see its 8-bit rounding (one Q/DQ
+    pair per quantized consumer; the skip path and the product stay exact). A tensor produced by a quantized
+    node keeps its DQ: at run time its float value does not exist (the QGemm writes uint8)."""
+    float_nodes = set(float_nodes)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    for dequantize in model.graph.node:
+        quantize = producer.get(dequantize.input[0]) if dequantize.op_type == "DequantizeLinear" else None
+        if quantize is None or quantize.op_type != "QuantizeLinear":
+            continue
+        source = quantize.input[0]
+        made_by = producer.get(source)
+        if made_by is not None and made_by.name not in float_nodes and made_by.op_type not in EMBEDDING_OPS:
+            continue
+        for reader in model.graph.node:
+            if reader.name in float_nodes:
+                reader.input[:] = [source if name == dequantize.output[0] else name for name in reader.input]
+    _drop_unread_qdq(model)
+
+
+def _drop_unread_qdq(model) -> None:
+    """Remove Q/DQ nodes whose outputs nothing reads, and the scales and zero points left unused."""
+    graph = model.graph
+    while True:
+        read = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+        unread = [n for n in graph.node
+                  if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not set(n.output) & read]  # fmt: skip
+        if not unread:
+            break
+        for node in unread:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)
 
 
 def quantize_with_ranges(
@@ -150,9 +214,14 @@ def quantize_with_ranges(
     target: str = "cpu",
     keep_fp32: Iterable[str] = (),
     quantize_embeddings: bool = False,
+    reduce_range: bool | None = None,
+    cross_path: str = "integer",
 ):
     """The Q/DQ graph of `model` (onnx.ModelProto) for `target`, nodes in `keep_fp32` left in float.
 
+    reduce_range: 7-bit weights (None: the target's default). cross_path: "integer" runs the cross layers'
+    product and residual add on uint8 (QLinearMul / QLinearAdd, skip path unclipped); "float" leaves them in
+    float and quantizes only what the Gemms read (see `float_cross_nodes`).
     Returns (quantized onnx.ModelProto, names of the quantized nodes). Raises DcncError when `keep_fp32`
     names a node the graph does not have.
     """
@@ -179,7 +248,10 @@ def quantize_with_ranges(
     chosen = set(candidates)
     if not any(node.op_type in WEIGHT_OPS for node in model.graph.node if node.name in chosen):
         raise DcncError("int8: the graph has no Gemm/MatMul with a constant weight to quantize")
-    skip_path = unclipped_tensors(model)
+    if cross_path not in CROSS_PATHS:
+        raise DcncError(f"cross path must be one of {list(CROSS_PATHS)}, got {cross_path!r}")
+    in_float = float_cross_nodes(model, config.op_types) if cross_path == "float" else []
+    skip_path = unclipped_tensors(model) if cross_path == "integer" else set()
     data = {}
     for name, calibrated in ranges.calibrated.items():
         low, high = ranges.minmax[name] if name in skip_path else calibrated
@@ -208,10 +280,10 @@ def quantize_with_ranges(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=op_types,
                 per_channel=config.per_channel,
-                reduce_range=config.reduce_range,
+                reduce_range=config.reduce_range if reduce_range is None else reduce_range,
                 activation_type=types[config.activation_type],
                 weight_type=types[config.weight_type],
-                nodes_to_exclude=keep_fp32,
+                nodes_to_exclude=[*keep_fp32, *in_float],
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options=extra_options,
                 calibration_cache_path=cache,
@@ -219,9 +291,11 @@ def quantize_with_ranges(
         except (ValueError, KeyError, RuntimeError) as err:
             raise DcncError(f"int8: onnxruntime could not quantize the graph ({err})") from None
         quantized = onnx.load(out)
+    if in_float:
+        float_readers_read_float(quantized, [*keep_fp32, *in_float])
     if config.quantize_outputs:
         float_exit_gemms(quantized)
-    kept = set(keep_fp32)
+    kept = set(keep_fp32) | set(in_float)
     return quantized, [n for n in candidates if n not in kept]
 
 
