@@ -87,11 +87,11 @@ def export(
     passes: str = typer.Option("default", "--passes", help=f"Graph passes run on each tower before it is saved and validated: default = {', '.join(EXPORT_DEFAULT_PASSES)}; gpu = default + fuse_entry; none = the exporter's own graph; or pass names separated by commas, run in that order. What each pass did (node counts, changes) is kept in the file's metadata, dcnc.passes."),
 ) -> None:
     """Export a trained model's towers to ONNX (dynamic batch, deterministic, with dcnc metadata) and validate them against PyTorch."""
-    from rich.table import Table
-
-    from graphs.export import export_model, pass_pipeline
-    from toolkit.evaluate.validate import ParityFailed, worst_table
+    from graphs.export import pass_pipeline
+    from toolkit.commands.export import export_model
+    from toolkit.evaluate.validate import ParityFailed
     from toolkit.model.loading import load_model
+    from toolkit.report.export import export_table, pass_lines, worst_table
 
     pipeline = pass_pipeline(passes)  # an unknown pass is refused before the model loads
     loaded = load_model(model, inputs, weights)
@@ -102,25 +102,9 @@ def export(
     except ParityFailed as failed:
         Console().print(worst_table(failed.checks))
         raise
-    table = Table(title=f"exported {loaded.source} (opset {opset})", title_justify="left")
-    for column in ("tower", "file", "size", "inputs", "outputs", "max err (/ scale)", "cosine"):
-        table.add_column(column, overflow="fold")
-    for result in results:
-        checks = result.parity or []
-        worst = max(checks, key=lambda c: c.error_to_scale, default=None)
-        table.add_row(
-            result.tower,
-            str(result.path),
-            f"{result.size / 1024:.1f} KiB",
-            "\n".join(map(str, result.inputs)),
-            "\n".join(result.outputs),
-            f"{worst.max_abs:.2g} ({worst.error_to_scale:.1e})" if worst else "not validated",
-            f"{min(c.cosine for c in checks):.7f}" if checks else "-",
-        )
-    Console().print(table)
-    for result in results:
-        steps = ", ".join(f"{r.name} {r.nodes_before}->{r.nodes_after}" for r in result.passes) or "none"
-        Console().print(f"passes ({result.tower}, nodes): {steps}", highlight=False, soft_wrap=True)
+    Console().print(export_table(results, f"exported {loaded.source} (opset {opset})"))
+    for line in pass_lines(results):
+        Console().print(line, highlight=False, soft_wrap=True)
 
 
 # --- dcnc verify ----------------------------------------------------------------------------------------------
@@ -167,8 +151,8 @@ def verify(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar (corpus embedding, latency sweep)."),
 ) -> None:
     """Check a bundle against its PyTorch original: parity, recall@K or AUC, and latency; exit 1 if a gate fails."""
+    from toolkit.commands.verify import verify as run_verify
     from toolkit.evaluate.verify import VerifyOptions
-    from toolkit.evaluate.verify import verify as run_verify
     from toolkit.report import verify as reports
 
     options = VerifyOptions(ks=_ints(k, "--k"), batch_sizes=_ints(batch_sizes, "--batch-sizes"),
@@ -240,10 +224,8 @@ def build(
     towers = ", ".join(manifest.towers)
     print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {batch}")
     for tower, entry in manifest.towers.items():
-        if entry.lowering and "half_nodes" in entry.lowering:
-            print(f"  {tower}: {entry.lowering['half_nodes']} nodes in {manifest.precision}, {len(entry.lowering['kept_fp32'])} kept FP32")
-        elif entry.lowering:
-            print(f"  {tower}: {len(entry.lowering['quantized_nodes'])} nodes int8 ({entry.lowering['target']}, {entry.lowering['method']}), {len(entry.lowering['kept_fp32'])} kept FP32")
+        if entry.lowering:
+            print(f"  {tower}: {entry.lowering.summary()}")
 
 
 @app.command()

@@ -12,9 +12,17 @@ import json
 import struct
 from pathlib import Path
 
-from calibration.ranges import NUM_BINS, RangeSet
+from calibration.ranges import (
+    DEFAULT_PERCENTILE,
+    NUM_BINS,
+    RangeSet,
+    check_method,
+    collect_ranges,
+)
+from calibration.reader import CalibrationData
 from toolkit.core.errors import DcncError
-from toolkit.core.fileio import atomic_write_text
+from toolkit.core.fileio import atomic_write_text, write_json
+from toolkit.core.onnxio import graph_inputs
 
 SCHEMA = "dcnc.calibration/1"
 CACHE_NAME = "calibration.json"
@@ -58,7 +66,34 @@ def load_cache(path: str | Path, key: str) -> RangeSet | None:
 def save_cache(path: str | Path, key: str, made_from: dict, ranges: RangeSet) -> None:
     """Write the ranges with their key, atomically."""
     document = {"schema": SCHEMA, "key": key, "made_from": made_from, "ranges": ranges.to_dict()}
-    atomic_write_text(path, json.dumps(document, indent=1) + "\n")
+    write_json(path, document)
+
+
+def calibrated_ranges(
+    model,
+    feeds,
+    method: str = "minmax",
+    percentile: float = DEFAULT_PERCENTILE,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[RangeSet, str, bool, int]:
+    """Ranges of `model`'s activations on `feeds`, from `cache_dir`/calibration.json when its key matches (and
+    written there when it does not; no cache when `cache_dir` is None).
+
+    feeds: CalibrationData or an iterable of feed dicts. Returns (ranges, cache key, cache hit, samples).
+    """
+    check_method(method, percentile)
+    data = feeds if isinstance(feeds, CalibrationData) else CalibrationData.from_feeds(feeds, graph_inputs(model))
+    key, made_from = cache_key(graph_hash(model), data.fingerprint(), method, percentile)
+    cache = Path(cache_dir) / CACHE_NAME if cache_dir is not None else None
+    if cache is not None:
+        cached = load_cache(cache, key)
+        if cached is not None:
+            return cached, key, True, data.num_samples
+    ranges = collect_ranges(model, data.batches, method, percentile, NUM_BINS, progress, num_batches=len(data))
+    if cache is not None:
+        save_cache(cache, key, made_from, ranges)
+    return ranges, key, False, data.num_samples
 
 
 def tensorrt_version_code(version: str) -> int:

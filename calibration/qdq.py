@@ -1,4 +1,4 @@
-"""INT8 Q/DQ graphs for a target (x86 CPU under onnxruntime, or TensorRT) from calibrated activation ranges.
+"""INT8 Q/DQ insertion for a target (x86 CPU under onnxruntime, or TensorRT) from calibrated activation ranges.
 
 Q/DQ insertion is onnxruntime.quantization's quantize_static; what dcnc decides is what it is fed:
 
@@ -24,12 +24,12 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from calibration.ranges import DEFAULT_PERCENTILE, RangeSet
+from calibration.ranges import RangeSet
 from toolkit.core.errors import DcncError
 
 TARGETS = ("cpu", "tensorrt")
@@ -67,26 +67,6 @@ TARGET_CONFIGS = {
     "tensorrt": TargetConfig("int8", "int8", per_channel=True, reduce_range=False, symmetric_activations=True,
                              quantize_bias=False, op_types=WEIGHT_OPS, quantize_outputs=False),
 }  # fmt: skip
-
-
-@dataclass
-class QuantRecord:
-    """What an INT8 lowering did, for the bundle manifest and reports."""
-
-    target: str
-    method: str
-    percentile: float | None
-    calibration_key: str
-    cache_hit: bool
-    calibration_samples: int
-    quantized_nodes: list[str]
-    kept_fp32: list[str]
-    quantize_embeddings: bool
-    unclipped_tensors: list[str] = field(default_factory=list)
-    config: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def check_target(target: str) -> TargetConfig:
@@ -347,61 +327,6 @@ def float_exit_gemms(model) -> list[str]:
     for init in [init for init in graph.initializer if init.name not in used]:
         graph.initializer.remove(init)  # the dropped pair's scale and zero point
     return changed
-
-
-def quantize_int8(
-    model,
-    feeds,
-    method: str = "minmax",
-    target: str = "cpu",
-    keep_fp32: Iterable[str] = (),
-    quantize_embeddings: bool = False,
-    cache_dir: str | Path | None = None,
-    percentile: float = DEFAULT_PERCENTILE,
-    progress: bool = False,
-):
-    """Calibrate `model` on `feeds` and return its INT8 Q/DQ graph for `target` with a QuantRecord.
-
-    model: onnx.ModelProto or a path to one. feeds: a CalibrationData, or an iterable of feed dicts (batches;
-    it is materialised so both calibration passes see the same data). method: minmax | entropy | percentile.
-    target: cpu | tensorrt. keep_fp32: node names left in float. quantize_embeddings: also store embedding
-    tables as int8. cache_dir: where calibration.json lives (reused when its key matches graph, data and
-    method; rewritten otherwise); None disables caching.
-    """
-    from toolkit.commands.calibrate import calibrated_ranges
-
-    check_target(target)
-    model = _load_model(model)
-    ranges, key, cache_hit, samples = calibrated_ranges(model, feeds, method, percentile, cache_dir, progress)
-    quantized, nodes = quantize_with_ranges(model, ranges, target, keep_fp32, quantize_embeddings)
-    record = QuantRecord(
-        target=target,
-        method=method,
-        percentile=percentile if method == "percentile" else None,
-        calibration_key=key,
-        cache_hit=cache_hit,
-        calibration_samples=samples,
-        quantized_nodes=nodes,
-        kept_fp32=list(keep_fp32),
-        quantize_embeddings=quantize_embeddings,
-        unclipped_tensors=sorted(unclipped_tensors(model)),
-        config=asdict(TARGET_CONFIGS[target]),
-    )
-    return quantized, record
-
-
-def _load_model(model):
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = Path(model)
-    if not path.is_file():
-        raise DcncError(f"{path}: ONNX model not found")
-    try:
-        return onnx.load(path)
-    except Exception as err:  # onnx raises DecodeError and friends
-        raise DcncError(f"{path}: not a readable ONNX model ({err})") from None
 
 
 @contextlib.contextmanager

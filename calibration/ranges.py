@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from toolkit.core.errors import DcncError, first_line
+from toolkit.core.progress import StepBar
 
 METHODS = ("minmax", "entropy", "percentile")
 NUM_BINS = 2048
@@ -53,6 +54,10 @@ class RangeSet:
                 for name in sorted(self.minmax)
             },
         }  # fmt: skip
+
+    def peaks(self) -> dict[str, float]:
+        """The largest |value| each tensor took on the calibration data (what half lowering keeps in range)."""
+        return {name: max(abs(low), abs(high)) for name, (low, high) in self.minmax.items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> RangeSet:
@@ -106,10 +111,10 @@ def collect_ranges(
     tensors = activation_tensors(model)
     session = _tapped_session(model, tensors)
     passes = 1 if method == "minmax" else 2
-    with _bar(progress, passes * num_batches if num_batches else None) as advance:
+    with StepBar(passes * num_batches if num_batches else None, enabled=progress, label="calibrating") as bar:
         low = {n: np.inf for n in tensors}
         high = {n: -np.inf for n in tensors}
-        for outputs in _run(session, tensors, batches(), advance):
+        for outputs in _run(session, tensors, batches(), bar):
             for name, value in outputs.items():
                 if value.size:
                     low[name] = min(low[name], float(value.min()))
@@ -122,7 +127,7 @@ def collect_ranges(
         amax = {n: max(abs(low[n]), abs(high[n])) for n in tensors}
         histograms = {n: np.zeros(num_bins, dtype=np.int64) for n in tensors}
         counts = dict.fromkeys(tensors, 0)
-        for outputs in _run(session, tensors, batches(), advance):
+        for outputs in _run(session, tensors, batches(), bar):
             for name, value in outputs.items():
                 counts[name] += value.size
                 magnitudes = np.abs(value[value != 0])  # exact zeros quantize exactly: they must not pull T down
@@ -162,7 +167,7 @@ def channel_stats(model, tensors: list[str], batches, sample_rows: int = 1024) -
     balances). batches: a zero-argument callable returning feed dicts."""
     session = _tapped_session(model, tensors)
     stats = ChannelStats({}, {}, {})
-    for outputs in _run(session, tensors, batches(), lambda: None):
+    for outputs in _run(session, tensors, batches(), StepBar(None, enabled=False)):
         for name, value in outputs.items():
             if not value.size:
                 continue
@@ -185,7 +190,7 @@ def channel_means(model, tensors: list[str], batches) -> dict[str, np.ndarray]:
     session = _tapped_session(model, tensors)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for outputs in _run(session, tensors, batches(), lambda: None):
+    for outputs in _run(session, tensors, batches(), StepBar(None, enabled=False)):
         for name, value in outputs.items():
             flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
             sums[name] = sums.get(name, 0.0) + flat.sum(axis=0)
@@ -246,59 +251,16 @@ def percentile_threshold(hist: np.ndarray, edges: np.ndarray, percentile: float)
 def _tapped_session(model, tensors: list[str]):
     """An onnxruntime session of `model` with every tensor in `tensors` also a graph output, unoptimised so
     each named tensor exists as in the graph."""
-    import onnx
-    import onnxruntime as ort
+    from toolkit.backends.ort.loader import OrtOptions, ort_session, tap_outputs
 
-    from toolkit.backends.ort.loader import OrtOptions, session_options
-
-    tapped = onnx.ModelProto()
-    tapped.CopyFrom(model)
-    present = {o.name for o in tapped.graph.output}
-    for name in tensors:
-        if name not in present:
-            tapped.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    options = session_options(OrtOptions(opt_level="disable"))
-    try:
-        return ort.InferenceSession(tapped.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises untyped errors
-        raise DcncError(f"calibration: onnxruntime cannot run the graph ({first_line(err)})") from None
+    return ort_session(tap_outputs(model, tensors), options=OrtOptions(opt_level="disable"), where="calibration graph")
 
 
-def _run(session, tensors: list[str], batches, advance):
+def _run(session, tensors: list[str], batches, bar: StepBar):
     for feeds in batches:
         try:
             values = session.run(tensors, feeds)
         except Exception as err:  # onnxruntime raises untyped errors
             raise DcncError(f"calibration: the graph failed on a batch ({first_line(err)})") from None
-        advance()
+        bar.done()
         yield dict(zip(tensors, values))
-
-
-class _bar:
-    """A rich progress bar over calibration batches (a no-op when disabled); yields a callable to advance it."""
-
-    def __init__(self, enabled: bool, total: int | None):
-        self.enabled = enabled
-        self.total = total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.progress = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=Console(stderr=True))  # fmt: skip
-        self.progress.__enter__()
-        task = self.progress.add_task("calibrating", total=self.total)
-        return lambda: self.progress.advance(task)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)

@@ -1,11 +1,12 @@
-"""Calibration samples for one graph: loaded from .npz / .npy / a folder of .npz shards / an example dataset,
-checked against the graph's inputs, deterministically sub-sampled, and served in batches.
+"""Calibration samples for one graph: loaded from .npz / .npy / a folder of .npz shards, checked against the
+graph's inputs, deterministically sub-sampled, and served in batches.
 
 Sources (`load_calibration`):
     FILE.npz        arrays keyed by input name, one row per sample
     FILE.npy        one array, for a graph with exactly one input
     FOLDER/         every *.npz in it (sorted by name), each a shard in the .npz layout, concatenated
-    dataset:NAME    samples drawn from an example dataset (synthetic | movielens), by input name
+(`dataset:NAME`, rows drawn from an example dataset, is resolved by the commands that take it:
+toolkit.commands.calibration_data.)
 
 Every array is read with allow_pickle=False, and every file is checked on its own (names, dtypes, shapes,
 finite values, id ranges) so an error names the shard that is wrong.
@@ -24,7 +25,6 @@ from toolkit.core.errors import DcncError
 from toolkit.core.npz import check_feeds, load_npz
 from toolkit.core.signature import TensorSpec
 
-DATASET_PREFIX = "dataset:"
 DEFAULT_BATCH = 512
 
 
@@ -42,6 +42,16 @@ class CalibrationData:
         self.batch_size = batch_size
         self.source = source
         self._reader: Iterator[dict[str, np.ndarray]] | None = None
+
+    @classmethod
+    def from_feeds(cls, feeds, specs: list[TensorSpec]) -> CalibrationData:
+        """Batches of feed dicts, each checked against the graph's inputs, concatenated."""
+        batches = list(feeds)
+        if not batches:
+            raise DcncError("calibration data is empty: no batch of feeds was given")
+        sizes = [check_feeds(batch, specs, f"calibration batch {i}") for i, batch in enumerate(batches)]
+        arrays = {s.name: np.concatenate([batch[s.name] for batch in batches]) for s in specs}
+        return cls(arrays, batch_size=max(sizes))
 
     @property
     def num_samples(self) -> int:
@@ -83,28 +93,24 @@ def load_calibration(
 ) -> CalibrationData:
     """Read, check and (when `samples` is less than what the source holds) sub-sample calibration data.
 
-    specs: the graph's inputs (see `graph_input_specs`). samples: keep this many rows, drawn without
+    specs: the graph's inputs (toolkit.core.onnxio.graph_inputs). samples: keep this many rows, drawn without
     replacement by a generator seeded with `seed`, kept in source order; None keeps all. Raises DcncError
     naming the file (or shard) and the input for any mismatch.
     """
-    text = str(source)
-    if text.startswith(DATASET_PREFIX):
-        arrays = _from_dataset(text[len(DATASET_PREFIX) :], specs, samples, seed)
+    path = Path(source)
+    if path.is_dir():
+        arrays = _from_shards(path, specs)
+    elif path.suffix == ".npy":
+        arrays = _from_npy(path, specs)
+    elif path.suffix == ".npz":
+        arrays = load_npz(path)
+        check_feeds(arrays, specs, str(path))
+    elif not path.exists():
+        raise DcncError(f"{path}: calibration data not found")
     else:
-        path = Path(source)
-        if path.is_dir():
-            arrays = _from_shards(path, specs)
-        elif path.suffix == ".npy":
-            arrays = _from_npy(path, specs)
-        elif path.suffix == ".npz":
-            arrays = load_npz(path)
-            check_feeds(arrays, specs, str(path))
-        elif not path.exists():
-            raise DcncError(f"{path}: calibration data not found")
-        else:
-            raise DcncError(f"{path}: calibration data must be .npz, .npy, a folder of .npz shards or dataset:NAME")
+        raise DcncError(f"{path}: calibration data must be .npz, .npy, a folder of .npz shards or dataset:NAME")
     arrays = subsample(arrays, samples, seed)
-    return CalibrationData(arrays, batch_size=batch_size, source=text)
+    return CalibrationData(arrays, batch_size=batch_size, source=str(source))
 
 
 def subsample(arrays: dict[str, np.ndarray], samples: int | None, seed: int) -> dict[str, np.ndarray]:
@@ -148,33 +154,3 @@ def _from_shards(folder: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray]
         for name, array in arrays.items():
             parts[name].append(array)
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
-
-
-def _from_dataset(name: str, specs: list[TensorSpec], samples: int | None, seed: int) -> dict[str, np.ndarray]:
-    """Interactions drawn from an example dataset, as the graph's inputs (input names are feature names)."""
-    from toolkit.example.data import load_dataset
-    from toolkit.example.data.evalsplit import calibration_sample
-
-    data = load_dataset(name, seed=seed)
-    events = np.arange(len(data.user))
-    rows = samples if samples is not None else len(events)
-    arrays = calibration_sample(data, events, [s.name for s in specs], rows=rows, seed=seed)
-    # The dataset's dtypes are the toolkit's (int64 ids, float32 dense); check them like a file.
-    check_feeds(arrays, specs, f"dataset:{name}")
-    return arrays
-
-
-def graph_input_specs(model) -> list[TensorSpec]:
-    """The graph's inputs as TensorSpecs: dtype from the element type, named dims kept as names ("B")."""
-    from onnx import helper
-
-    initializers = {init.name for init in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tensor = value.type.tensor_type
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "B") for d in tensor.shape.dim)
-        specs.append(TensorSpec(value.name, dtype, shape))
-    return specs

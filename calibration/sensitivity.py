@@ -1,9 +1,9 @@
 """Sensitivity analysis: which quantized nodes (or layers, or branches) cost the task metric, and the fewest to
 keep in FP32 so the INT8 graph meets a target ratio of the FP32 metric.
 
-The metric is the one the tower exists for (DESIGN decision 6): recall@K against known relevant pairs for a
-retrieval tower (agreement@K of top-K neighbours where there are none), AUC for a ranker with labels, mean
-cosine otherwise; the ratio is metric(INT8) / metric(FP32).
+The metric is the one the tower exists for (DESIGN decision 6), given as a function of (FP32 outputs, INT8
+outputs) (toolkit.evaluate.task_metrics makes them: recall@K, agreement@K, AUC, cosine); the ratio is
+metric(INT8) / metric(FP32).
 
 Method: with all units quantized, measure the metric; then, one unit at a time, keep that unit in FP32 and
 measure again (leave-one-out recovery). Units are then kept in FP32 in order of recovery, best first, until
@@ -12,7 +12,6 @@ the ratio reaches `min_metric_ratio`; each step is a point on the curve (units k
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from calibration.qdq import quantizable_nodes, quantize_with_ranges
 from calibration.ranges import RangeSet
 from toolkit.core.errors import DcncError
-from toolkit.core.fileio import atomic_write_text
+from toolkit.core.fileio import write_json
 
 GRANULARITIES = ("node", "layer", "branch")
 METRICS = ("recall", "agreement", "auc", "cosine")
@@ -67,57 +66,7 @@ class SensitivityReport:
         return asdict(self) | {"met": self.met, "keep_fp32": self.keep_fp32}
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
-
-
-def agreement_metric(k: int = 100, corpus: np.ndarray | None = None) -> Metric:
-    """agreement@K of exact inner-product top-K lists: each output row is a query, searched in `corpus` (e.g.
-    the FP32 item embeddings, for a query tower) or, without one, in the outputs themselves (reference rows
-    for the reference, candidate rows for the candidate), so an item tower is judged by its own neighbourhoods."""
-    from toolkit.evaluate.metrics import agreement_at_k, exact_top_k
-
-    def metric(reference: np.ndarray, candidate: np.ndarray) -> float:
-        ref_corpus = reference if corpus is None else corpus
-        cand_corpus = candidate if corpus is None else corpus
-        top = min(k, len(ref_corpus))
-        ids_ref = exact_top_k(reference, [ref_corpus], top).ids
-        ids_cand = exact_top_k(candidate, [cand_corpus], top).ids
-        return agreement_at_k(ids_ref, ids_cand, [top])[top]
-
-    return metric
-
-
-def recall_metric(k: int, relevance: np.ndarray, partner: np.ndarray, side: str) -> Metric:
-    """recall@K of a two-tower retrieval with one tower's outputs replaced by the candidate's: `side` "query"
-    searches the candidate's rows in the `partner` item embeddings (FP32), "item" searches the FP32 `partner`
-    queries in the candidate's rows. relevance: int [P, 2] (query row, item row)."""
-    from toolkit.evaluate.metrics import exact_top_k, recall_at_k
-
-    if side not in ("query", "item"):
-        raise DcncError(f"recall metric: side must be query or item, got {side!r}")
-
-    def metric(reference: np.ndarray, candidate: np.ndarray) -> float:
-        queries, items = (candidate, partner) if side == "query" else (partner, candidate)
-        top = min(k, len(items))
-        return recall_at_k(exact_top_k(queries, [items], top).ids, relevance, [top])[top]
-
-    return metric
-
-
-def auc_metric(labels: np.ndarray) -> Metric:
-    """AUC of the candidate's first output (a logit or probability) against 0/1 `labels`."""
-    from toolkit.evaluate.metrics import auc
-
-    return lambda reference, candidate: auc(labels, candidate.ravel())
-
-
-def cosine_metric(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Mean cosine similarity of the rows of the two outputs (flattened per row)."""
-    ref = reference.reshape(len(reference), -1).astype(np.float64)
-    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
-    dots = np.sum(ref * cand, axis=1)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    return float(np.mean(np.divide(dots, norms, out=np.ones_like(dots), where=norms > 0)))
+        write_json(path, self.to_dict())
 
 
 def unit_of(node, granularity: str) -> str:
@@ -213,7 +162,7 @@ def sensitivity(
 
 def _latencies(fp32_session, sessions: list, feeds: dict[str, np.ndarray]) -> list[float]:
     """Median ms of one run of each session (FP32 first), timed interleaved so load drift hits all alike."""
-    from toolkit.backends.latency import time_interleaved
+    from toolkit.backends.timing import time_interleaved
 
     calls = {"fp32": lambda: fp32_session.run(None, feeds)}
     calls |= {str(i): (lambda s=s: s.run(None, feeds)) for i, s in enumerate(sessions)}
@@ -224,12 +173,9 @@ def _latencies(fp32_session, sessions: list, feeds: dict[str, np.ndarray]) -> li
 def _session(model):
     """A CPU session that does not spin: with several sessions alive and timed in turn, the idle ones' spinning
     intra-op threads would otherwise steal the cores from the one being timed (measured: 10x distortions)."""
-    import onnxruntime as ort
+    from toolkit.backends.ort.loader import ort_session
 
-    from toolkit.backends.ort.loader import OrtOptions, session_options
-
-    options = session_options(OrtOptions(), spinning=False)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(model, spinning=False, where="sensitivity graph")
 
 
 def _module_scope(node) -> str:

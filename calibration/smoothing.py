@@ -56,6 +56,7 @@ class SmoothingRecord:
     weight_levels: int
     smoothed: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    inserted: list[str] = field(default_factory=list)  # Muls dividing graph inputs: to stay float, before any Q
 
     @property
     def gemms(self) -> list[str]:
@@ -109,7 +110,7 @@ def smooth_outliers(model, batches: Callable[[], Iterator[dict[str, np.ndarray]]
             continue
         editor.apply(region, graph, scales[best])
         record.smoothed.append(entry | {"alpha": best, "error_after": round(errors[best], 6)})
-    editor.finish()
+    record.inserted = editor.finish()
     return smoothed, record
 
 
@@ -399,13 +400,15 @@ class _Editor:
         else:
             self.initializers[name].CopyFrom(updated)
 
-    def finish(self) -> None:
-        """Put the inserted Muls right before the Concats they feed (the graph stays topologically sorted)."""
+    def finish(self) -> list[str]:
+        """Put the inserted Muls right before the Concats they feed (the graph stays topologically sorted);
+        returns their names."""
         if not self.inserted:
-            return
+            return []
         nodes = []
         for node in self.model.graph.node:
             nodes.extend(self.inserted.get(node.name, []))
             nodes.append(node)
         del self.model.graph.node[:]
         self.model.graph.node.extend(nodes)
+        return [mul.name for muls in self.inserted.values() for mul in muls]

@@ -1,5 +1,5 @@
 """Branch analysis of a DCN tower graph: find x0, the cross and deep branches and the head, check that the two
-branches stay concurrent, cut each branch out as its own ONNX, and time t_cross / t_deep / t_parallel on ORT CPU.
+branches stay concurrent, and cut each branch out as its own ONNX (toolkit.evaluate.branch_timing times them).
 
 Everything is found from the ONNX alone, structurally, so graphs from any exporter work: a cross layer is an
 `Add(P, x_l)` whose product P is (a Mul / ReduceSum chain over) `Mul(x0, q)` with q computed from x_l. The
@@ -9,11 +9,9 @@ where the two meet.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import onnx
 
 from toolkit.core.errors import DcncError
@@ -279,53 +277,3 @@ def extract_branch(model: onnx.ModelProto, branch: str, report: BranchReport | N
     sub = onnx.utils.Extractor(inferred).extract_model([report.x0], outputs)
     sub.graph.name = f"{branch}_branch"
     return sub
-
-
-def _timing_session(model: onnx.ModelProto, threads: int | None):
-    import onnxruntime as ort
-
-    from toolkit.backends.ort.loader import OrtOptions, session_options
-
-    # three sessions take turns: a pool left spinning after its run would steal the cores from the next one
-    options = session_options(OrtOptions(threads=threads), spinning=False)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def time_branches(
-    model: onnx.ModelProto, batch: int = 4096, repeats: int = 30, warmup: int = 3, threads: int | None = None
-) -> dict:
-    """Median latency (ms) of the cross branch alone, the deep branch alone, and both together, on ORT CPU
-    (sequential executor, intra-op threads = cores unless `threads`), timed interleaved on one x0 of `batch` rows.
-
-    ratio = t_parallel / max(t_cross, t_deep): 1.0 means the branches fully overlap, t_cross + t_deep over the
-    max means they ran one after the other. serial_ratio = t_parallel / (t_cross + t_deep).
-    """
-    from toolkit.backends.ort.loader import usable_cores
-
-    report = analyze(model)
-    if not report.parallel or not report.x0_width:
-        raise DcncError("branch timing needs a parallel tower with a static x0 width")
-    sessions = {name: _timing_session(extract_branch(model, name, report), threads) for name in ("cross", "deep", "parallel")}
-    dtype = np.float16 if sessions["cross"].get_inputs()[0].type == "tensor(float16)" else np.float32
-    x0 = np.random.default_rng(0).standard_normal((batch, report.x0_width)).astype(dtype)
-    feeds = {report.x0: x0}
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for session in sessions.values():
-        for _ in range(warmup):
-            session.run(None, feeds)
-    order = list(sessions)
-    for r in range(repeats):
-        for name in order[r % 3 :] + order[: r % 3]:  # rotate so no branch always runs right after another
-            start = time.perf_counter()
-            sessions[name].run(None, feeds)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    t = {name: float(np.median(v)) for name, v in times.items()}
-    return {
-        "batch": batch,
-        "threads": threads or usable_cores(),
-        "t_cross_ms": t["cross"],
-        "t_deep_ms": t["deep"],
-        "t_parallel_ms": t["parallel"],
-        "ratio": t["parallel"] / max(t["cross"], t["deep"]),
-        "serial_ratio": t["parallel"] / (t["cross"] + t["deep"]),
-    }

@@ -113,8 +113,7 @@ def emulated_half_session(model: onnx.ModelProto, dtype: str | None = None):
     `dtype` ("fp16" / "bf16"), when given, must be the half type the graph computes in. Feed float32 for half
     inputs; half outputs come back as float32 holding half values.
     """
-    import onnxruntime as ort
-
+    from toolkit.backends.ort.loader import OrtOptions, ort_session
     from toolkit.core.errors import DcncError
 
     if dtype is not None:
@@ -123,10 +122,7 @@ def emulated_half_session(model: onnx.ModelProto, dtype: str | None = None):
         found = half_type_of(model)
         if found is not None and found != HALF_TYPES[dtype]:
             raise DcncError(f"the graph computes in {onnx.TensorProto.DataType.Name(found)}, not {dtype}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(emulate_half(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(emulate_half(model), options=OrtOptions(opt_level="disable"), where="half emulation")
 
 
 def run_emulated(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

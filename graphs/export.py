@@ -1,10 +1,7 @@
-"""Export towers to ONNX with torch's dynamo exporter: stable names, a dynamic "batch" axis, deterministic bytes.
-
-One self-contained file per tower (external data only above protobuf's 2 GB limit), dcnc metadata props
-(spec, tower, branch modules, versions, source hash), written atomically: a failed export leaves nothing.
-After writing, each file is validated against its torch tower (toolkit.evaluate.validate). When validation fails the
-files are kept for inspection (as trtexec and polygraphy keep theirs) and ParityFailed (exit 1) is raised.
-"""
+"""Convert a loaded tower to ONNX with torch's dynamo exporter: stable names, a dynamic "batch" axis, graph
+passes, dcnc metadata props (spec, tower, branch modules, versions, source hash), deterministic bytes, one
+self-contained file written atomically (toolkit.core.onnxio). `dcnc export` (toolkit.commands.export) stages the
+files and validates them against torch."""
 
 from __future__ import annotations
 
@@ -22,19 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from graphs.onnxfile import check_output, save_onnx, staged
 from toolkit import __version__
 from toolkit.core.errors import DcncError
 from toolkit.core.fileio import sha256_file
+from toolkit.core.onnxio import save_onnx, set_metadata
 from toolkit.core.signature import TensorSpec
-from toolkit.evaluate.validate import (
-    DEFAULT_LARGE_BATCH,
-    OutputParity,
-    ParityFailed,
-    Tolerance,
-    read_real_rows,
-    validate_tower,
-)
 from toolkit.model.loading import BATCH, LoadedModel, LoadedTower
 
 if TYPE_CHECKING:
@@ -65,7 +54,7 @@ class ExportResult:
     inputs: list[TensorSpec]
     outputs: list[str]
     opset: int
-    parity: list[OutputParity] | None = None
+    parity: list | None = None  # toolkit.evaluate.parity.OutputParity of each check, when validated
     passes: list[PassRecord] = field(default_factory=list)  # what each graph pass did, in order
 
     @property
@@ -95,53 +84,6 @@ def check_opset(opset: int) -> None:
         )
 
 
-def export_model(
-    loaded: LoadedModel,
-    out: str | Path,
-    opset: int = TORCHLIB_OPSET,
-    validate: bool = True,
-    atol: float | None = None,
-    rtol: float | None = None,
-    towers: list[str] | None = None,
-    force: bool = False,
-    validate_batch: int = DEFAULT_LARGE_BATCH,
-    passes: PassSelection = None,
-) -> list[ExportResult]:
-    """Export the selected towers of `loaded` to `out` and validate each against torch.
-
-    out: the `.onnx` path for one tower; a directory holding `<tower>.onnx` per tower for several.
-    atol/rtol: toolkit.evaluate.validate.Tolerance (None: the defaults there). validate_batch: the large batch checked
-    beside batch 1. passes: graph passes run on each tower before it is saved (see PassSelection; `dcnc export`
-    gives "default"); None keeps the exporter's graph. Validation reads the file as saved, after the passes.
-    Raises DcncError (nothing written) for bad input or an export failure; ParityFailed (files kept) when an
-    output differs from torch beyond the tolerance.
-    """
-    check_opset(opset)
-    passes = pass_pipeline(passes)  # unknown pass names are refused before any work
-    if validate_batch < 1:
-        raise DcncError(f"--validate-batch must be >= 1, got {validate_batch}")
-    tolerance = Tolerance(atol=atol, **({"rtol": rtol} if rtol is not None else {}))
-    selected = loaded.select(towers)
-    out = Path(out)
-    several = len(selected) > 1
-    check_output(out, several, force)
-    common = source_metadata(loaded)
-    results: list[ExportResult] = []
-    with staged(out, several, force) as folder:
-        for name, tower in selected.items():
-            path = folder / f"{name}.onnx" if several else folder / out.name
-            result = export_tower(tower, path, opset, common, passes)
-            if validate:
-                rows = read_real_rows(loaded.eval_data, tower, validate_batch) if loaded.eval_data else None
-                result.parity = validate_tower(tower, path, (1, validate_batch), rows, tolerance)
-            results.append(result)
-    for result in results:  # the staging folder has taken its final place
-        result.path = out / result.path.name if several else out
-    if not all(r.passed for r in results):
-        raise ParityFailed(checks={r.tower: r.parity or [] for r in results}, kept=[r.path for r in results])
-    return results
-
-
 def export_tower(
     tower: LoadedTower,
     path: str | Path,
@@ -169,7 +111,7 @@ def export_tower(
     props = {**(metadata or {}), **tower_metadata(tower), PASSES_KEY: passes_metadata(records)}
     del model.metadata_props[:]  # the passes' own props (with timings) would make the bytes differ run to run
     for key in sorted(props):
-        model.metadata_props.add(key=key, value=props[key])
+        set_metadata(model, key, props[key])
     save_onnx(model, path)
     return ExportResult(
         tower.name, path, path.stat().st_size, sha256_file(path), tower.input_specs, tower.output_names, opset,
@@ -210,7 +152,7 @@ def tower_to_onnx(tower: LoadedTower, opset: int = TORCHLIB_OPSET) -> onnx.Model
                     tower.module,
                     args,
                     dynamo=True,
-                    dynamic_shapes=_dynamic_shapes(tower),
+                    dynamic_shapes=dynamic_shapes(tower),
                     opset_version=opset,
                     verbose=False,
                 )
@@ -305,7 +247,7 @@ def exporter_reason(err: BaseException) -> str:
 # ---- helpers
 
 
-def _dynamic_shapes(tower: LoadedTower) -> tuple:
+def dynamic_shapes(tower: LoadedTower) -> tuple:
     """dynamic_shapes for torch.export, shaped like forward's signature (a *args parameter takes a tuple)."""
     batch = torch.export.Dim(BATCH_AXIS, min=1)
     shapes = [{axis: batch for axis, d in enumerate(s.shape) if d == BATCH} or None for s in tower.input_specs]

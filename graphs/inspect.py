@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 
 from graphs.branches import analyze
-from toolkit.core.errors import DcncError, first_line
+from toolkit.core.errors import first_line
+from toolkit.core.onnxio import load_onnx
 
 MATMUL_OPS = {"Gemm", "MatMul"}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
@@ -21,20 +21,6 @@ NO_FLOP_OPS = {
     "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice", "Gather", "Identity", "Shape",
     "Cast", "Expand", "Flatten", "Constant", "ConstantOfShape", "QuantizeLinear", "DequantizeLinear",
 }  # fmt: skip
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """The model at `path`, or DcncError in one line when it is missing or not an ONNX model."""
-    path = Path(path)
-    if not path.is_file():
-        raise DcncError(f"{path}: no such ONNX file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as err:
-        raise DcncError(f"{path}: not a readable ONNX model ({first_line(err)})") from None
-    if model.ir_version < 1 or not model.HasField("graph") or not model.opset_import:
-        raise DcncError(f"{path}: not an ONNX model (no IR version, graph or opset)")
-    return model
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -74,7 +60,7 @@ def _node_flops(node: onnx.NodeProto, values: dict[str, onnx.ValueInfoProto]) ->
 
 def inspect_model(path: str | Path) -> dict:
     """Everything `dcnc inspect` prints, as a JSON-ready dict."""
-    model = load_onnx(path)
+    model = load_onnx(path, external_data=False)
     try:
         onnx.checker.check_model(model)
         problem = None

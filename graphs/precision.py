@@ -13,9 +13,6 @@ through a half round trip (onnxruntime's float16 converter inserts such trips, a
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -26,59 +23,15 @@ from graphs.branches import analyze
 from graphs.emulation import HALF_TYPES
 from graphs.passes.cleanup import with_nodes
 from toolkit.core.errors import DcncError, first_line
+from toolkit.core.lowering import METADATA_KEY, HalfLowering
+from toolkit.core.onnxio import set_metadata
 
 MAX_FINITE = {"fp16": 65504.0, "bf16": 3.3895314e38}
 MATMUL_OPS = {"Gemm", "MatMul", "Conv", "Einsum"}
-METADATA_KEY = "dcnc.lowering"
-
-
-@dataclass
-class LoweringRecord:
-    """What the lowering did: how many nodes run in half, which stayed FP32 and why, how many Casts it added."""
-
-    dtype: str
-    half_nodes: int = 0
-    kept_fp32: dict[str, str] = field(default_factory=dict)  # node name -> reason
-    casts_inserted: int = 0
-    calibration: dict | None = None  # samples, limit, and the max |activation| of each node kept for range
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _node_names(model: onnx.ModelProto) -> list[str]:
     return [n.name or f"{n.op_type}#{i}" for i, n in enumerate(model.graph.node)]
-
-
-def activation_ranges(model: onnx.ModelProto, calib_feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Largest |value| of every float tensor of `model` over the calibration feeds, run in FP32 on ORT CPU."""
-    import onnxruntime as ort
-
-    probe = onnx.shape_inference.infer_shapes(model)
-    floats = [vi.name for vi in probe.graph.value_info if vi.type.tensor_type.elem_type == TensorProto.FLOAT]
-    floats += [o.name for o in probe.graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT]
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in floats if n not in known)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    needed = [i.name for i in session.get_inputs()]
-    ranges = {name: 0.0 for name in floats}
-    for k, feeds in enumerate(calib_feeds):
-        missing = [n for n in needed if n not in feeds]
-        if missing:
-            raise DcncError(f"calibration batch {k}: missing input {missing[0]!r} (the model reads {needed})")
-        for name in needed:
-            value = np.asarray(feeds[name])
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise DcncError(f"calibration batch {k}: input {name!r} holds NaN or Inf")
-        for name, value in zip(floats, session.run(floats, {n: feeds[n] for n in needed})):
-            if value.size:
-                ranges[name] = max(ranges[name], float(np.nanmax(np.abs(value))))
-    for value in probe.graph.input:  # graph inputs are read by nodes too
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            ranges[value.name] = max(float(np.abs(np.asarray(f[value.name])).max(initial=0.0)) for f in calib_feeds)
-    return ranges
 
 
 def _output_tail(model: onnx.ModelProto) -> set[int]:
@@ -171,25 +124,26 @@ def _to_half_tensor(tensor: onnx.TensorProto, dtype: str, name: str) -> onnx.Ten
 def lower_half(
     model: onnx.ModelProto,
     dtype: str = "fp16",
-    calib_feeds: list[dict[str, np.ndarray]] | None = None,
+    peaks: dict[str, float] | None = None,
+    samples: int | None = None,
     headroom: float = 8.0,
-) -> tuple[onnx.ModelProto, LoweringRecord]:
+) -> tuple[onnx.ModelProto, HalfLowering]:
     """`model` lowered to `dtype` ("fp16" or "bf16") with FP32 inputs and outputs, and the record of what stayed
-    FP32 and why. `calib_feeds`: input batches (name -> array) whose FP32 activations choose the block list; None
-    for the conservative default (cross branch and head FP32). `headroom`: a node stays FP32 when a value it
-    reads or writes exceeds max_finite / headroom (8 by default: 8188 for fp16)."""
+    FP32 and why (also in the graph's metadata, key dcnc.lowering).
+
+    peaks: the largest |value| of each float tensor of the FP32 graph on calibration data (calibration.ranges
+    RangeSet.peaks()), which chooses the block list; None for the conservative default (cross branch and head
+    FP32). samples: how many calibration rows the peaks come from, for the record. headroom: a node stays FP32
+    when a value it reads or writes exceeds max_finite / headroom (8 by default: 8188 for fp16)."""
     if dtype not in HALF_TYPES:
         raise DcncError(f"--precision must be one of {list(HALF_TYPES)} for half lowering, got {dtype!r}")
-    if calib_feeds is not None and not calib_feeds:
-        raise DcncError("calibration data holds no batches")
     graph = ir.serde.deserialize_model(model)
     ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(graph)
     model = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(graph))
-    ranges = activation_ranges(model, calib_feeds) if calib_feeds is not None else None
-    blocked, peaks = _blocked(model, dtype, ranges, headroom)
+    blocked, kept_peaks = _blocked(model, dtype, peaks, headroom)
     lowered, half_nodes, casts = _rewrite(model, dtype, blocked)
     names, floats = _node_names(model), _float_types(model)
-    record = LoweringRecord(
+    record = HalfLowering(
         dtype,
         half_nodes=half_nodes,
         kept_fp32={
@@ -199,12 +153,10 @@ def lower_half(
         },
         casts_inserted=casts,
         calibration=None
-        if calib_feeds is None
-        else {"samples": len(calib_feeds), "limit": MAX_FINITE[dtype] / headroom, "max_abs": peaks},
+        if peaks is None
+        else {"samples": samples, "limit": MAX_FINITE[dtype] / headroom, "max_abs": kept_peaks},
     )
-    onnx.helper.set_model_props(
-        lowered, {**{p.key: p.value for p in model.metadata_props}, METADATA_KEY: json.dumps(record.to_dict())}
-    )
+    set_metadata(lowered, METADATA_KEY, record.to_dict())
     try:
         onnx.checker.check_model(lowered)
         lowered = onnx.shape_inference.infer_shapes(lowered, strict_mode=True)

@@ -45,9 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/
 from calibration.bias import correct_biases  # noqa: E402
 from calibration.qdq import quantizable_nodes, quantize_with_ranges  # noqa: E402
 from calibration.ranges import collect_ranges  # noqa: E402
-from calibration.reader import CalibrationData, graph_input_specs  # noqa: E402
+from calibration.reader import CalibrationData  # noqa: E402
 from calibration.sensitivity import group_units  # noqa: E402
 from calibration.smoothing import smooth_outliers  # noqa: E402
+from toolkit.core.onnxio import graph_inputs  # noqa: E402
 from toolkit.evaluate import metrics  # noqa: E402
 
 HELD_OUT = 0.5  # agreement@100 needs N >> 100 held-out rows: about 1000 of the 2048 calibration rows
@@ -160,7 +161,7 @@ def random_rows(model, rows: int, seed: int) -> dict[str, np.ndarray]:
     """Zipf-distributed ids (a random order of each table), standardised log-normal dense features."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for spec in graph_input_specs(model):
+    for spec in graph_inputs(model):
         shape = spec.concrete_shape(rows)
         if spec.dtype.startswith("int"):
             high = _table_rows(model, spec.name)
@@ -238,15 +239,9 @@ class Lowerer:
 
 def session(model, profile_prefix: str | None = None):
     """A CPU session as a bundle opens it, with intra-op spinning off (sessions are timed in turn)."""
-    import onnxruntime as ort
+    from toolkit.backends.ort.loader import ort_session
 
-    from toolkit.backends.ort.loader import OrtOptions, session_options
-
-    options = session_options(OrtOptions(), spinning=False)
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(model, spinning=False, profile_prefix=profile_prefix)
 
 
 def held_out_agreement(tower: Tower, reference: np.ndarray, model) -> dict[str, float]:
@@ -322,7 +317,7 @@ def evaluate(subject: Subject, graphs: dict, reference: dict | None = None) -> d
 def speed(subject: Subject, models: dict[str, dict[str, object]], iterations: dict[int, int]) -> dict:
     """Per tower and batch: INT8 / FP32 speedup of each variant (median FP32 ms / median INT8 ms), all variants
     and FP32 interleaved in one run."""
-    from toolkit.backends.latency import time_interleaved
+    from toolkit.backends.timing import time_interleaved
 
     result = {}
     for name, tw in subject.towers.items():
@@ -353,7 +348,7 @@ def clipping(tower: Tower) -> list[dict]:
 
 
 def machine() -> str:
-    from toolkit.backends.bundle import cpu_identity
+    from toolkit.core.machine import cpu_identity
 
     identity = cpu_identity()
     return f"{identity['cpu']}, {identity['cores']} cores, ISA {' '.join(identity['isa'])}"
@@ -398,7 +393,7 @@ def _graph(nodes, inputs, outputs, initializers):
 
 def _time_pair(fp32, int8, iterations: int) -> tuple[float, float]:
     """Fastest ms of each side, timed interleaved (a peak is the best the machine does)."""
-    from toolkit.backends.latency import time_interleaved
+    from toolkit.backends.timing import time_interleaved
 
     (a, feeds_a), (b, feeds_b) = fp32, int8
     samples = time_interleaved({"fp32": lambda: a.run(None, feeds_a), "int8": lambda: b.run(None, feeds_b)},

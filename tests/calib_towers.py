@@ -34,11 +34,11 @@ def tower_graph(family: str = "retrieval", kind: str = "full") -> onnx.ModelProt
 
 def random_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Valid random inputs for the graph: ids in [0, 4) (every zoo table has at least 7 rows), floats N(0, 1)."""
-    from calibration.reader import graph_input_specs
+    from toolkit.core.onnxio import graph_inputs
 
     rng = np.random.default_rng(seed)
     feeds = {}
-    for spec in graph_input_specs(model):
+    for spec in graph_inputs(model):
         shape = spec.concrete_shape(batch)
         if spec.dtype.startswith("int"):
             feeds[spec.name] = rng.integers(0, 4, size=shape).astype(spec.dtype)

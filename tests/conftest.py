@@ -79,3 +79,11 @@ def towers_dir(two_tower_model, tmp_path_factory) -> Path:
     for name, tower in two_tower_model.towers().items():
         export_tower(tower, folder / f"{name}.onnx")
     return folder
+
+
+@pytest.fixture(scope="module")
+def verify_case(tmp_path_factory) -> Path:
+    """An end-to-end verify case (verify_cases.build_verify_case): model.pt, eval.npz, bundle/, broken/."""
+    from verify_cases import build_verify_case
+
+    return build_verify_case(tmp_path_factory.mktemp("verify"))

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from toolkit.backends.bundle import open_bundle
-from toolkit.backends.ort.loader import OrtOptions, session_options, usable_cores
+from toolkit.backends.ort.loader import OrtOptions, session_options
 from toolkit.backends.ort.runner import ort_runner
 from toolkit.backends.torch_runner import TorchRunner, torch_runners
 from toolkit.commands.build import build_bundle
 from toolkit.core.errors import DcncError
+from toolkit.core.machine import usable_cores
 from toolkit.core.signature import random_inputs
 
 

@@ -7,16 +7,16 @@ import json
 import pytest
 from calib_towers import random_feeds, tower_graph
 
-import toolkit.commands.calibrate as calibrate_module
+import calibration.cache as calibrate_module
 from calibration.cache import (
     CACHE_NAME,
+    calibrated_ranges,
     read_tensorrt_table,
     tensorrt_table,
     tensorrt_version_code,
 )
 from calibration.ranges import RangeSet
 from calibration.reader import CalibrationData
-from toolkit.commands.calibrate import calibrated_ranges
 from toolkit.core.errors import DcncError
 
 

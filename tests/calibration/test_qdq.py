@@ -10,10 +10,10 @@ from calib_towers import optimized_op_types, random_feeds, run, tower_graph
 from onnx import numpy_helper
 
 import calibration.qdq as qdq
+from calibration.int8 import quantize_int8
 from calibration.qdq import (
     float_exit_gemms,
     quantizable_nodes,
-    quantize_int8,
     quantize_with_ranges,
     unclipped_tensors,
 )

@@ -1,4 +1,4 @@
-"""Calibration data sources: .npz, .npy, shard folders, example datasets, sub-sampling, and bad data."""
+"""Calibration data sources: .npz, .npy, shard folders, sub-sampling, and bad data."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 from calib_towers import random_feeds, tower_graph
 
-from calibration.reader import CalibrationData, graph_input_specs, load_calibration
+from calibration.reader import CalibrationData, load_calibration
 from toolkit.core.errors import DcncError
+from toolkit.core.onnxio import graph_inputs
 from toolkit.core.signature import TensorSpec
 
 
 @pytest.fixture(scope="module")
 def specs():
-    return graph_input_specs(tower_graph())
+    return graph_inputs(tower_graph())
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def feeds():
     return random_feeds(tower_graph(), 40)
 
 
-def test_graph_input_specs_keep_the_batch_dim_symbolic(specs):
+def test_graph_inputs_keep_the_batch_dim_symbolic(specs):
     assert [s.dtype for s in specs] == ["int64", "int64", "float32"]
     assert all(isinstance(s.shape[0], str) for s in specs) and specs[2].shape[1] == 3
 
@@ -74,12 +75,6 @@ def test_subsampling_is_seeded_and_keeps_source_order(tmp_path, specs, feeds):
     assert len(a) == 10 and not np.array_equal(a, c)
     rows = [int(np.flatnonzero((feeds[name] == row).all(axis=1))[0]) for row in a]
     assert rows == sorted(rows)
-
-
-def test_dataset_source_draws_tower_inputs_from_the_example_dataset():
-    specs = [TensorSpec("user_id", "int64", ("B",)), TensorSpec("user_profile", "float32", ("B", 8))]
-    data = load_calibration("dataset:synthetic", specs, samples=64, seed=0)
-    assert data.num_samples == 64 and data.arrays["user_profile"].dtype == np.float32
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,14 @@ import onnx
 import pytest
 from calib_towers import tower_graph, trained_two_tower
 
+from calibration.cache import calibrated_ranges
 from calibration.qdq import quantizable_nodes, quantize_with_ranges
-from calibration.reader import graph_input_specs, load_calibration
-from calibration.sensitivity import _session, agreement_metric, group_units, sensitivity
-from toolkit.commands.calibrate import calibrated_ranges
+from calibration.reader import load_calibration
+from calibration.sensitivity import group_units, sensitivity
+from toolkit.backends.ort.loader import ort_session
 from toolkit.core.errors import DcncError
+from toolkit.core.onnxio import graph_inputs
+from toolkit.evaluate.task_metrics import agreement_metric
 
 
 def test_units_group_nodes_by_layer_and_branch():
@@ -34,7 +37,7 @@ def test_sensitivity_recovers_neighbour_agreement_of_a_trained_query_tower(tmp_p
     trained = trained_two_tower(str(tmp_path_factory.mktemp("two_tower")))
     query = onnx.load_from_string(trained["graphs"]["query"])
     queries = {k.split("/", 1)[1]: v for k, v in trained["eval"].items() if k.startswith("query/")}
-    data = load_calibration(trained["calib"]["query"], graph_input_specs(query))
+    data = load_calibration(trained["calib"]["query"], graph_inputs(query))
     ranges, _, _, _ = calibrated_ranges(query, data, "minmax")
     # top-100 neighbours among the eval queries: far stricter than recall, which all-INT8 already keeps here
     metric = agreement_metric(100)
@@ -46,5 +49,5 @@ def test_sensitivity_recovers_neighbour_agreement_of_a_trained_query_tower(tmp_p
     assert end.ratio - start.ratio > 0.01  # measurably recovered
     assert len(end.kept) < len(report.units)  # and not by giving up INT8 altogether
     replayed, _ = quantize_with_ranges(query, ranges, "cpu", keep_fp32=report.keep_fp32)
-    reference = _session(query).run(None, queries)[0]
-    assert metric(reference, _session(replayed).run(None, queries)[0]) == pytest.approx(end.metric)
+    reference = ort_session(query).run(None, queries)[0]
+    assert metric(reference, ort_session(replayed).run(None, queries)[0]) == pytest.approx(end.metric)

@@ -11,7 +11,7 @@ import zoo
 from typer.testing import CliRunner
 
 from cli import app
-from toolkit.backends.latency import wall_timer
+from toolkit.backends.timing import wall_timer
 from toolkit.commands.bench.benchmark import (
     SCHEMA,
     BenchOptions,

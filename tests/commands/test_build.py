@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -77,7 +78,7 @@ def test_saved_optimized_graph_is_marked_non_portable_and_is_what_runs(towers_di
     feed = random_inputs(two_tower_model.item.input_specs, 4, seed=0)
     with runner, TorchRunner(two_tower_model.item) as reference:
         assert np.abs(runner.infer(feed)["embedding"] - reference.infer(feed)["embedding"]).max() < 1e-5
-        assert runner._session.path.name == "item.ort-optimized.onnx"
+        assert Path(runner._session.model).name == "item.ort-optimized.onnx"
 
 
 def test_existing_output_is_refused_without_force_and_left_untouched(towers_dir, tmp_path):
@@ -101,7 +102,7 @@ def test_force_rebuilds_an_existing_bundle(towers_dir, tmp_path):
     [
         ({"backend": "onnx"}, "--backend 'onnx': choose one of ort, ort-cuda, tensorrt"),
         ({"precision": "fp8"}, "--precision 'fp8': choose one of fp32, fp16, bf16, int8"),
-        ({"precision": "int8"}, "--precision int8 needs calibration data"),
+        ({"precision": "int8"}, "int8 needs calibration data"),
         ({"precision": "fp32", "calib": "calib.npz"}, "--calib is used by --precision fp16, bf16 and int8, not fp32"),
         ({"precision": "bf16"}, "--precision bf16 needs a GPU backend"),
         ({"precision": "fp16", "int8_target": "tensorrt"}, "--int8-target applies to --precision int8 only"),
@@ -126,8 +127,8 @@ def test_fp16_bundle_without_calibration_keeps_the_cross_branch_fp32_and_answers
 ):
     manifest = build_bundle(towers_dir / "query.onnx", tmp_path / "bundle", precision="fp16")
     record = manifest.towers["query"].lowering
-    assert record["dtype"] == "fp16" and record["half_nodes"] > 0 and record["calibration"] is None
-    assert any("cross branch" in reason for reason in record["kept_fp32"].values())
+    assert record.dtype == "fp16" and record.half_nodes > 0 and record.calibration is None
+    assert any("cross branch" in reason for reason in record.kept_fp32.values())
     feed = random_inputs(two_tower_model.query.input_specs, 64, seed=5)
     with open_bundle(tmp_path / "bundle", tower="query") as runner, TorchRunner(two_tower_model.query) as reference:
         assert _cosine(runner.infer(feed)["embedding"], reference.infer(feed)["embedding"]) > 0.999
@@ -140,9 +141,9 @@ def test_fp16_with_calibration_chooses_fp32_nodes_from_measured_ranges(towers_di
         np.savez(calib / f"{name}_calib.npz", **random_inputs(tower.input_specs, 96, seed=1))
     manifest = build_bundle(towers_dir, tmp_path / "bundle", precision="fp16", calib=calib, calib_samples=64)
     for entry in manifest.towers.values():
-        assert entry.lowering["calibration"]["samples"] >= 1 and entry.lowering["half_nodes"] > 0
+        assert entry.lowering.calibration["samples"] >= 1 and entry.lowering.half_nodes > 0
         # a tiny tower stays far inside fp16's range: only the output tail is kept, not the cross branch
-        assert not any("cross branch" in reason for reason in entry.lowering["kept_fp32"].values())
+        assert not any("cross branch" in reason for reason in entry.lowering.kept_fp32.values())
     assert manifest.inputs["calib"]["sha256"] and manifest.inputs["lowering"]["calib_samples"] == 64
 
 
@@ -173,7 +174,7 @@ def test_corrupt_tower_fails_the_build_and_leaves_nothing_behind(towers_dir, tmp
     (models / "zzz.onnx").write_bytes(b"not a protobuf")  # sorted last: the good towers are built first
     out_parent = tmp_path / "out"
     out_parent.mkdir()
-    with pytest.raises(DcncError, match="zzz.onnx: not a valid ONNX model"):
+    with pytest.raises(DcncError, match="zzz.onnx: not a readable ONNX model"):
         build_bundle(models, out_parent / "bundle")
     assert leftovers(out_parent) == []
 

@@ -212,7 +212,7 @@ def test_a_bad_pipeline_file_exits_2_naming_the_key_and_writes_nothing(case, edi
     (lambda t: t.replace('batch = "1:16:64"', 'batch = "64:16:1"', 1), "targets[0].batch: '64:16:1': needs 1 <= MIN"),
     (lambda t: t.replace('name = "int8"', 'name = "fp32"'), "targets: target name 'fp32' appears twice"),
     (lambda t: t.replace('precision = "fp32"', 'precision = "fp32"\ncalib = "calib.npz"'),
-     "targets[0].calib: applies to precisions fp16, bf16 and int8"),
+     "targets[0]: --calib is used by --precision fp16, bf16 and int8, not fp32"),
     (lambda t: t.replace("auc_diff = 0.02", "auc = 0.02"), "targets[1].gates: unknown gate 'auc'"),
     (lambda t: t.replace("iterations = 3", "iterations = 0"), "verify.iterations: expected an integer >= 1"),
     (lambda t: t.replace("validate_batch = 64", 'passes = ["fold", "fuse_everything"]'), "export.passes: unknown pass"),
@@ -274,9 +274,10 @@ def test_a_two_tower_model_is_exported_per_tower_and_calibrated_from_each_towers
     assert summary["passed"], summary["targets"][0]["failed_gates"]
     model = tmp_path / "out" / "two_tower"
     assert sorted(p.name for p in (model / "export").glob("*.onnx")) == ["item.onnx", "query.onnx"]
-    assert sorted(p.name for p in (model / "calib").iterdir()) == ["item_calib.npz", "query_calib.npz"]
     manifest = json.loads((model / "int8" / "bundle" / "manifest.json").read_text())
     assert sorted(manifest["towers"]) == ["item", "query"] and manifest["precision"] == "int8"
+    calibrated_from = {tower: Path(entry["path"]).name for tower, entry in manifest["inputs"]["calib"].items()}
+    assert calibrated_from == {"item": "item_calib.npz", "query": "query_calib.npz"}
     assert sorted(summary["targets"][0]["latency"]) == ["item", "query"]
 
 

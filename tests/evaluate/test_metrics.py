@@ -14,9 +14,9 @@ from toolkit.evaluate.metrics import (
     auc,
     exact_top_k,
     logloss,
-    parity,
     recall_at_k,
 )
+from toolkit.evaluate.parity import ParityAccumulator
 
 
 def chunks(items: np.ndarray, size: int):
@@ -103,7 +103,7 @@ def test_logloss_stays_finite_where_the_sigmoid_saturates():
 def test_parity_error_statistics_by_hand():
     reference = np.array([[3.0, 4.0], [1.0, 0.0]])
     candidate = np.array([[3.0, 4.0], [0.0, 1.0]])
-    stats = parity(reference, candidate)
+    stats = ParityAccumulator.of(reference, candidate)
     assert stats["max_abs"] == 1.0
     assert stats["rel_l2"] == pytest.approx(math.sqrt(2) / math.sqrt(26))
     assert stats["cosine_min"] == pytest.approx(0.0)  # [1, 0] vs [0, 1]
@@ -112,35 +112,35 @@ def test_parity_error_statistics_by_hand():
 
 def test_parity_quantiles_are_upper_bounds_within_four_percent():
     errors = np.linspace(0.001, 0.1, 1000)
-    stats = parity(np.zeros(1000), errors)
+    stats = ParityAccumulator.of(np.zeros(1000), errors)
     for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
         exact = np.quantile(errors, q, method="inverted_cdf")  # the smallest error with a share q at or below it
         assert exact <= stats["error_quantiles"][name] <= exact * 1.04
 
 
 def test_parity_of_a_scalar_output_takes_one_cosine_over_the_batch():
-    stats = parity(np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.0]))
+    stats = ParityAccumulator.of(np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.0]))
     assert stats["cosine_mean"] == pytest.approx(1.0) and stats["cosine_min"] == pytest.approx(1.0)
     assert stats["rel_l2"] == pytest.approx(1.0)
 
 
 def test_parity_counts_nan_and_inf_and_measures_the_rest():
     candidate = np.array([[1.0, np.nan], [np.inf, 2.5]])
-    stats = parity(np.array([[1.0, 1.0], [1.0, 2.0]]), candidate)
+    stats = ParityAccumulator.of(np.array([[1.0, 1.0], [1.0, 2.0]]), candidate)
     assert (stats["candidate_nan"], stats["candidate_inf"], stats["reference_nan"]) == (1, 1, 0)
     assert stats["max_abs"] == 0.5 and stats["elements"] == 2
 
 
 def test_identical_outputs_have_zero_error_and_unit_cosine():
     x = np.random.default_rng(1).standard_normal((10, 4))
-    stats = parity(x, x.copy())
+    stats = ParityAccumulator.of(x, x.copy())
     assert stats["max_abs"] == 0.0 and stats["rel_l2"] == 0.0 and stats["error_quantiles"]["p99"] == 0.0
     assert stats["cosine_min"] == pytest.approx(1.0)
 
 
 def test_parity_histogram_counts_every_error_in_its_log_bin_and_trims_empty_ends():
     errors = np.array([0.0, 1e-13, 1.5e-3, 2e-3, 2e-3, 0.5])
-    histogram = parity(np.zeros(6), errors)["histogram"]
+    histogram = ParityAccumulator.of(np.zeros(6), errors)["histogram"]
     edges, counts = np.array(histogram["edges"]), np.array(histogram["counts"])
     assert histogram["at_or_below"] == {"value": 1e-12, "count": 2}  # the exact match and 1e-13
     assert counts.sum() == 4 and counts[0] > 0 and counts[-1] > 0

@@ -4,37 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from verify_cases import FAST, EmbeddingTower, LogitTower, ranking_case
 
 from toolkit.core.errors import DcncError
-from toolkit.evaluate.evaldata import RankingEval, RetrievalEval
+from toolkit.evaluate.evaldata import RetrievalEval
 from toolkit.evaluate.gates import Thresholds, resolve_thresholds
 from toolkit.evaluate.metrics import auc, logloss
 from toolkit.evaluate.verify import VerifyOptions, run_batched, verify_runners
-
-FAST = VerifyOptions(ks=(1, 3, 10), batch_sizes=(1, 8), eval_batch=16, item_chunk=50, warmup=1, iterations=5)
-
-
-class EmbeddingTower:
-    """embedding = normalize(dense @ weight): a stand-in for a retrieval tower."""
-
-    def __init__(self, weight: np.ndarray, batch_range: tuple[int, int] | None = None):
-        self.weight, self.batch_range, self.calls = weight, batch_range, []
-
-    def infer(self, feed):
-        self.calls.append(len(feed["dense"]))
-        x = feed["dense"] @ self.weight
-        return {"embedding": (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)}
-
-
-class LogitTower:
-    """logit = dense @ w (and its sigmoid): a stand-in for a ranker."""
-
-    def __init__(self, w: np.ndarray):
-        self.w = w
-
-    def infer(self, feed):
-        logit = (feed["dense"] @ self.w).astype(np.float32)
-        return {"logit": logit, "probability": 1 / (1 + np.exp(-logit))}
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +84,6 @@ def test_a_latency_regression_against_the_baseline_fails(retrieval_case):
     again = run_retrieval(weight, weight, data, baseline=faster)
     regressions = [g for g in again.gates if g.name.endswith(".regression")]
     assert regressions and not any(g.passed for g in regressions)  # 10x slower than the baseline's candidate
-
-
-def ranking_case(rows: int = 400):
-    rng = np.random.default_rng(3)
-    w = rng.standard_normal(5)
-    dense = rng.standard_normal((rows, 5)).astype(np.float32)
-    labels = ((dense @ w + rng.standard_normal(rows)) > 0).astype(np.float32)
-    return w, RankingEval({"dense": dense}, {"logit": labels})
 
 
 def test_ranking_reports_auc_and_logloss_of_both_sides(tmp_path):

@@ -15,9 +15,9 @@ from graphs.branches import (
     analyze,
     check_concurrency,
     extract_branch,
-    time_branches,
 )
 from toolkit.core.signature import TensorSpec
+from toolkit.evaluate.branch_timing import time_branches
 
 
 @pytest.mark.parametrize("family", ["retrieval", "ranking", "projection"])

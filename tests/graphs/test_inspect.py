@@ -11,6 +11,7 @@ from test_branches import hand_built_tower
 from tower_graphs import zoo_feeds, zoo_graph
 from typer.testing import CliRunner
 
+from calibration.cache import calibrated_ranges
 from cli import app
 from graphs.inspect import inspect_model
 from graphs.precision import lower_half
@@ -62,7 +63,7 @@ def test_branch_flops_and_parameters_of_a_tower(tmp_path):
 
 
 def test_lowered_graph_shows_its_half_nodes(tmp_path):
-    lowered, record = lower_half(zoo_graph("ranking"), "fp16", [zoo_feeds("ranking")])
+    lowered, record = lower_half(zoo_graph("ranking"), "fp16", calibrated_ranges(zoo_graph("ranking"), [zoo_feeds("ranking")])[0].peaks())
     info = inspect_model(_save(lowered, tmp_path))
     assert info["precision_counts"]["float16"] >= record.half_nodes
 
@@ -84,4 +85,4 @@ def test_cli_on_a_corrupt_file_exits_2_with_one_line(tmp_path):
 
 def test_cli_on_a_missing_file_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "absent.onnx")])
-    assert result.exit_code == 2 and "no such ONNX file" in result.output
+    assert result.exit_code == 2 and "ONNX file not found" in result.output

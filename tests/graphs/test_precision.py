@@ -11,6 +11,7 @@ import torch
 from onnx import TensorProto, helper
 from tower_graphs import cosine_min, module_graph, run, zoo_feeds, zoo_graph
 
+from calibration.cache import calibrated_ranges
 from graphs.branches import analyze
 from graphs.emulation import emulate_half, half_type_of, run_emulated
 from graphs.precision import lower_half
@@ -46,6 +47,11 @@ def overflow_graph() -> onnx.ModelProto:
     return module_graph(overflow_tower(), "overflow")
 
 
+def peaks(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Max |x| of every float tensor over the batches, as `dcnc build` measures it before half lowering."""
+    return calibrated_ranges(model, batches)[0].peaks()
+
+
 CALIBRATION = [overflow_feeds(seed) for seed in (1, 2)]
 
 
@@ -56,9 +62,7 @@ def naive_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def test_the_test_tower_overflows_fp16_in_its_cross_layers():
-    from graphs.precision import activation_ranges
-
-    ranges = activation_ranges(overflow_graph(), CALIBRATION)
+    ranges = peaks(overflow_graph(), CALIBRATION)
     cross_output = analyze(overflow_graph()).cross_outputs[0]
     assert ranges[cross_output] > 65504
 
@@ -79,7 +83,7 @@ def test_naive_fp16_conversion_fails_under_emulation():
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_calibrated_lowering_keeps_cosine_above_0_999_under_emulation(dtype):
     feeds = overflow_feeds(9)
-    lowered, record = lower_half(overflow_graph(), dtype, CALIBRATION)
+    lowered, record = lower_half(overflow_graph(), dtype, peaks(overflow_graph(), CALIBRATION))
     reference = run(overflow_graph(), feeds)["embedding"]
     assert cosine_min(reference, run_emulated(lowered, feeds)["embedding"]) >= 0.999
     assert record.half_nodes > 0 and half_type_of(lowered) == {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[dtype]
@@ -88,7 +92,7 @@ def test_calibrated_lowering_keeps_cosine_above_0_999_under_emulation(dtype):
 def test_calibrated_fp16_lowering_keeps_the_overflowing_cross_layers_fp32_and_says_why():
     model = overflow_graph()
     last_layer = analyze(model).cross_layers[-1].nodes
-    _, record = lower_half(model, "fp16", CALIBRATION)
+    _, record = lower_half(model, "fp16", peaks(model, CALIBRATION))
     for node in last_layer:
         if node in record.kept_fp32 and "Mul" in node:
             assert "exceeds the fp16 safe range" in record.kept_fp32[node]
@@ -99,7 +103,7 @@ def test_calibrated_fp16_lowering_keeps_the_overflowing_cross_layers_fp32_and_sa
 def test_the_deep_branch_runs_in_fp16():
     model = overflow_graph()
     deep = set(analyze(model).deep_nodes)
-    _, record = lower_half(model, "fp16", CALIBRATION)
+    _, record = lower_half(model, "fp16", peaks(model, CALIBRATION))
     assert deep and not deep & set(record.kept_fp32)
 
 
@@ -121,7 +125,7 @@ def test_lowering_leaves_no_half_round_trip_between_fp32_nodes():
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = overflow_graph()
-    lowered, record = lower_half(model, "fp16", CALIBRATION)
+    lowered, record = lower_half(model, "fp16", peaks(model, CALIBRATION))
     assert _half_round_trips(lowered) == 0
     # the trap it avoids: onnxruntime's converter with the same block list round-trips through half
     theirs = convert_float_to_float16(overflow_graph(), keep_io_types=True, node_block_list=list(record.kept_fp32))
@@ -129,7 +133,7 @@ def test_lowering_leaves_no_half_round_trip_between_fp32_nodes():
 
 
 def test_inputs_and_outputs_stay_fp32():
-    lowered, _ = lower_half(zoo_graph("ranking"), "fp16", [zoo_feeds("ranking")])
+    lowered, _ = lower_half(zoo_graph("ranking"), "fp16", peaks(zoo_graph("ranking"), [zoo_feeds("ranking")]))
     assert all(v.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.INT64) for v in lowered.graph.input)
     assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT for v in lowered.graph.output)
 
@@ -137,14 +141,14 @@ def test_inputs_and_outputs_stay_fp32():
 def test_the_final_sigmoid_stays_fp32():
     model = zoo_graph("ranking")
     sigmoid = next(n.name for n in model.graph.node if n.op_type == "Sigmoid")
-    _, record = lower_half(model, "fp16", [zoo_feeds("ranking")])
+    _, record = lower_half(model, "fp16", peaks(model, [zoo_feeds("ranking")]))
     assert "output tail" in record.kept_fp32[sigmoid]
 
 
 def test_without_calibration_the_whole_cross_branch_and_head_stay_fp32():
     model = overflow_graph()
     report = analyze(model)
-    lowered, record = lower_half(model, "fp16", None)
+    lowered, record = lower_half(model, "fp16")
     assert set(report.cross_nodes) | set(report.head_nodes) <= set(record.kept_fp32)
     assert record.calibration is None
     reference = run(model, overflow_feeds(9))["embedding"]
@@ -154,7 +158,7 @@ def test_without_calibration_the_whole_cross_branch_and_head_stay_fp32():
 @pytest.mark.parametrize("family", ["retrieval", "ranking", "projection"])
 def test_fp16_lowering_of_every_family_matches_fp32_under_emulation(family):
     model, feeds = zoo_graph(family), zoo_feeds(family, batch=32)
-    lowered, _ = lower_half(model, "fp16", [zoo_feeds(family, batch=64)])
+    lowered, _ = lower_half(model, "fp16", peaks(model, [zoo_feeds(family, batch=64)]))
     reference, emulated = run(model, feeds), run_emulated(lowered, feeds)
     for name in reference:
         assert cosine_min(reference[name], emulated[name]) >= 0.999, name
@@ -169,15 +173,15 @@ def test_calibration_batch_missing_an_input_is_a_user_error():
     feeds = zoo_feeds("ranking")
     feeds.pop(next(iter(feeds)))
     with pytest.raises(DcncError, match="calibration batch 0: missing input"):
-        lower_half(zoo_graph("ranking"), "fp16", [feeds])
+        peaks(zoo_graph("ranking"), [feeds])
 
 
 def test_calibration_batch_with_nan_is_a_user_error():
     feeds = zoo_feeds("ranking")
     dense = next(k for k, v in feeds.items() if v.dtype == np.float32)
     feeds[dense][0, 0] = np.nan
-    with pytest.raises(DcncError, match=f"input '{dense}' holds NaN"):
-        lower_half(zoo_graph("ranking"), "fp16", [feeds])
+    with pytest.raises(DcncError, match=f"'{dense}' holds 1 NaN"):
+        peaks(zoo_graph("ranking"), [feeds])
 
 
 def _cast_chain(to: int) -> onnx.ModelProto:

@@ -9,9 +9,8 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from test_verify import FAST, EmbeddingTower, LogitTower, ranking_case
-from test_verify_bundle import CLI_FAST, case  # noqa: F401  (case: the end-to-end verify fixture)
 from typer.testing import CliRunner
+from verify_cases import CLI_FAST, FAST, EmbeddingTower, LogitTower, ranking_case
 
 from cli import app
 from toolkit.core.errors import DcncError
@@ -242,10 +241,10 @@ def test_the_page_is_written_atomically_into_a_new_folder(tmp_path, faithful):
 
 
 @pytest.mark.slow
-def test_cli_verify_html_writes_the_page_named_after_the_bundle(case, tmp_path):  # noqa: F811
+def test_cli_verify_html_writes_the_page_named_after_the_bundle(verify_case, tmp_path):
     page = tmp_path / "report.html"
-    result = CliRunner().invoke(app, ["verify", str(case / "model.pt"), str(case / "broken"), "--data",
-                                      str(case / "eval.npz"), "--html", str(page), *CLI_FAST])
+    result = CliRunner().invoke(app, ["verify", str(verify_case / "model.pt"), str(verify_case / "broken"), "--data",
+                                      str(verify_case / "eval.npz"), "--html", str(page), *CLI_FAST])
     assert result.exit_code == 1, result.output  # a failed gate still writes the page
     assert f"HTML report: {page}" in result.output
     html = page.read_text()
@@ -254,10 +253,10 @@ def test_cli_verify_html_writes_the_page_named_after_the_bundle(case, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_verify_html_where_no_folder_can_be_made_exits_2(case, tmp_path):  # noqa: F811
+def test_cli_verify_html_where_no_folder_can_be_made_exits_2(verify_case, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("")
-    result = CliRunner().invoke(app, ["verify", str(case / "model.pt"), str(case / "bundle"), "--data",
-                                      str(case / "eval.npz"), "--html", str(blocked / "sub" / "r.html"),
+    result = CliRunner().invoke(app, ["verify", str(verify_case / "model.pt"), str(verify_case / "bundle"), "--data",
+                                      str(verify_case / "eval.npz"), "--html", str(blocked / "sub" / "r.html"),
                                       "--no-latency", "--k", "1", "--no-branches"])
     assert result.exit_code == 2 and "r.html: cannot create its folder" in result.output

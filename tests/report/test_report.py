@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from rich.console import Console
 
-from toolkit.evaluate.gates import Gate
+from toolkit.evaluate.result import Gate
 from toolkit.report.verify import (
     Report,
     junit_xml,

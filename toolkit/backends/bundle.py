@@ -16,13 +16,13 @@ from pathlib import Path
 
 from toolkit import __version__
 from toolkit.core.errors import DcncError
-from toolkit.core.fileio import sha256_file
+from toolkit.core.fileio import sha256_file, write_json
+from toolkit.core.lowering import Lowering, lowering_from_dict
+from toolkit.core.machine import cpu_identity
 
 SCHEMA = "dcnc.bundle/1"
 MANIFEST = "manifest.json"
 REBUILD = "rebuild it with `dcnc build ... --force`"
-# CPU features that change which kernels ONNX Runtime picks (and so what its optimised graph contains).
-ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 @dataclass
@@ -36,7 +36,7 @@ class TowerEntry:
     optimized_onnx: str | None = None
     engine: str | None = None
     engine_info: dict | None = None  # TensorRT inspector: layers (name, type, precision, tactic), aux_streams
-    lowering: dict | None = None  # what the precision lowering did: nodes kept FP32 and why, Q/DQ record
+    lowering: Lowering | None = None  # what the precision lowering did: nodes kept FP32 and why, the Q/DQ record
 
 
 @dataclass
@@ -71,9 +71,12 @@ class Manifest:
             raise DcncError(f"{where}: manifest is missing {missing}; {REBUILD}")
         data = dict(data)
         try:
-            data["towers"] = {name: TowerEntry(**entry) for name, entry in data["towers"].items()}
+            data["towers"] = {
+                name: TowerEntry(**{**entry, "lowering": lowering_from_dict(entry.get("lowering"), where)})
+                for name, entry in data["towers"].items()
+            }
             return cls(**data)
-        except TypeError as err:
+        except (TypeError, AttributeError) as err:
             raise DcncError(f"{where}: malformed manifest ({err}); {REBUILD}") from None
 
     def batch_range(self) -> tuple[int, int]:
@@ -81,24 +84,6 @@ class Manifest:
 
 
 # --- what the bundle was built with -------------------------------------------------------------------------
-def cpu_identity() -> dict:
-    """The CPU an ORT-optimised graph is tied to: model name and the ISA extensions its kernels depend on."""
-    from toolkit.backends.ort.loader import usable_cores
-
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-            if flags and name:
-                break
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return {"cpu": name, "cores": usable_cores(), "isa": [f for f in ISA_FLAGS if f in flags]}
-
-
 def installed_versions(backend: str) -> dict:
     """Versions of what built (and must run) the bundle; tensorrt and CUDA only for the backends that use them."""
     import onnx
@@ -155,7 +140,7 @@ def write_manifest(bundle_dir: Path, manifest: Manifest, portable: dict[str, boo
         for p in sorted(bundle_dir.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
-    (bundle_dir / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
+    write_json(bundle_dir / MANIFEST, manifest.to_dict())
     return manifest
 
 

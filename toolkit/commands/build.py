@@ -21,14 +21,25 @@ from toolkit.backends.bundle import (
     installed_versions,
     write_manifest,
 )
-from toolkit.core.errors import DcncError, first_line
-from toolkit.core.fileio import atomic_dir, sha256_file, sha256_tree
+from toolkit.commands.calibration_data import (
+    calibration_data,
+    check_source,
+    source_identity,
+)
+from toolkit.core.errors import DcncError
+from toolkit.core.fileio import atomic_dir, sha256_file
+from toolkit.core.onnxio import (
+    external_data_locations,
+    graph_inputs,
+    graph_outputs,
+    load_onnx,
+    save_onnx,
+    tensor_entries,
+)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEFAULT_BATCH = (1, 256, 4096)
 TIMING_CACHE = "timing.cache"
-# Beyond this the protobuf cannot be serialized in one piece, so weights go to an external data file.
-EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 
@@ -62,12 +73,16 @@ class Lowering:
     seed: int = 0
     keep_fp32: tuple[str, ...] = ()
 
-    def check(self, calib: str | Path | None) -> None:
-        """Refuse option combinations that mean nothing, before anything is read or written."""
+    def check(self, calib, calib_resolved: bool = True) -> None:
+        """Refuse option combinations that mean nothing, before anything is read or written: the one place these
+        rules live (`dcnc build`, `dcnc run`'s pipeline targets and `dcnc bench` all ask here).
+
+        calib_resolved=False: the calibration source is not known yet (a pipeline target before its model's
+        checkpoint is read), so only the rules that do not depend on it are checked."""
         if self.precision not in PRECISIONS:
             raise DcncError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if self.precision == "int8" and calib is None:
-            raise DcncError("--precision int8 needs calibration data: pass --calib DATA")
+        if self.precision == "int8" and calib is None and calib_resolved:
+            raise DcncError("int8 needs calibration data (--calib DATA, or calib in a pipeline file)")
         if calib is not None and self.precision == "fp32":
             raise DcncError("--calib is used by --precision fp16, bf16 and int8, not fp32")
         if self.precision != "int8" and (self.keep_fp32 or self.calib_method != "minmax"):
@@ -79,27 +94,26 @@ class Lowering:
             check_target(self.target)
             check_method(self.calib_method)
 
-    def __call__(self, model, calib: str | Path | None):
-        """(lowered model, record of what the lowering did, or None for fp32)."""
+    def __call__(self, model, calib, tower: str):
+        """(lowered model, record of what the lowering did, or None for fp32), `calib` the build's calibration
+        source (toolkit.commands.calibration_data) of which `tower`'s rows are used."""
         if self.precision == "fp32":
             return model, None
+        data = None
+        if calib is not None:
+            data = calibration_data(calib, tower, graph_inputs(model), self.calib_samples, self.seed)
         if self.precision == "int8":
-            from toolkit.commands.calibrate import lower_int8
+            from calibration.int8 import quantize_int8
 
             keep = [n for n in self.keep_fp32 if n in {node.name for node in model.graph.node}]
-            return lower_int8(model, calib, self.target, self.calib_method, self.calib_samples, self.seed, keep)
+            return quantize_int8(model, data, self.calib_method, self.target, keep)
+        from calibration.cache import calibrated_ranges
         from graphs.precision import lower_half
 
-        feeds = None
-        if calib is not None:
-            from calibration.reader import graph_input_specs, load_calibration
-            from toolkit.commands.calibrate import calibration_for_graph
-
-            specs = graph_input_specs(model)
-            data = load_calibration(calibration_for_graph(calib, specs), specs, self.calib_samples, self.seed)
-            feeds = list(data.batches())
-        lowered, record = lower_half(model, self.precision, feeds)
-        return lowered, record.to_dict()
+        if data is None:
+            return lower_half(model, self.precision)
+        ranges, _, _, samples = calibrated_ranges(model, data)
+        return lower_half(model, self.precision, ranges.peaks(), samples)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,18 +135,12 @@ def find_towers(model: Path) -> dict[str, Path]:
 
 def source_sha256(path: Path) -> str:
     """Hash of an ONNX file together with the external data files its initializers point to."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
     digest = hashlib.sha256(sha256_file(path).encode())
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # unreadable: _load_onnx reports it; the file's own hash still identifies it
+        model = load_onnx(path, external_data=False)
+    except DcncError:  # unreadable: the build reports it; the file's own hash still identifies it
         return digest.hexdigest()
-    locations = sorted(
-        {e.value for t in model.graph.initializer if uses_external_data(t) for e in t.external_data if e.key == "location"}
-    )
-    for location in locations:
+    for location in external_data_locations(model):
         data = path.parent / location
         if data.is_file():
             digest.update(location.encode() + b"\0" + sha256_file(data).encode())
@@ -150,41 +158,6 @@ def _check_output(out: Path, force: bool) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise DcncError(f"{out}: cannot write there (folder {parent} is not writable)")
-
-
-def _load_onnx(path: Path):
-    import onnx
-
-    try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except Exception as err:  # onnx raises DecodeError, ValidationError, OSError, ...
-        first = first_line(err)
-        raise DcncError(f"{path}: not a valid ONNX model ({first})") from None
-    return model
-
-
-def _tensor_entries(values) -> list[dict]:
-    """{name, dtype, shape} for ONNX graph inputs/outputs; dynamic dims keep their names (e.g. "batch")."""
-    import numpy as np
-    from onnx import helper
-
-    entries = []
-    for value in values:
-        tensor_type = value.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
-        entries.append({"name": value.name, "dtype": dtype, "shape": shape})
-    return entries
-
-
-def _save_onnx(model, path: Path) -> None:
-    import onnx
-
-    if model.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save_model(model, str(path))
 
 
 def build_bundle(
@@ -234,8 +207,7 @@ def build_bundle(
     target = int8_target or ("tensorrt" if backend == "tensorrt" and precision == "int8" else "cpu")
     lower = Lowering(precision, target, calib_method, calib_samples, keep_fp32=tuple(keep_fp32))
     lower.check(calib)
-    if calib is not None and not str(calib).startswith("dataset:") and not Path(calib).exists():
-        raise DcncError(f"--calib {calib}: not found")
+    check_source(calib)
     if precision == "bf16" and backend == "ort":
         raise DcncError("--precision bf16 needs a GPU backend (tensorrt or ort-cuda): ONNX Runtime's CPU provider has no bfloat16 Gemm")
     if save_optimized and backend == "tensorrt":
@@ -253,7 +225,6 @@ def build_bundle(
     options = {
         "backend": backend,
         "precision": precision,
-        "calib": str(calib) if calib is not None else None,
         "batch": list(batch),
         "save_optimized": save_optimized,
         "timing_cache": str(timing_cache) if timing_cache is not None else None,
@@ -272,7 +243,7 @@ def build_bundle(
         options=options,
         inputs={
             "model": {"path": str(model), "sha256": {t: source_sha256(p) for t, p in towers.items()}},
-            "calib": _calib_identity(calib),
+            "calib": source_identity(calib),
             "lowering": lower.to_dict(),
         },
         towers={},
@@ -282,13 +253,13 @@ def build_bundle(
         if backend == "tensorrt":
             cache = _prepare_timing_cache(tmp, out, timing_cache, trt_options, manifest)
         for tower, source in towers.items():
-            lowered, record = lower(_load_onnx(source), calib)
+            lowered, record = lower(load_onnx(source, check=True), calib, tower)
             onnx_rel = f"{tower}.onnx"
-            _save_onnx(lowered, tmp / onnx_rel)
+            save_onnx(lowered, tmp / onnx_rel)
             entry = TowerEntry(
                 onnx=onnx_rel,
-                inputs=_tensor_entries(i for i in lowered.graph.input if i.name not in {w.name for w in lowered.graph.initializer}),
-                outputs=_tensor_entries(lowered.graph.output),
+                inputs=tensor_entries(graph_inputs(lowered)),
+                outputs=tensor_entries(graph_outputs(lowered)),
                 source_sha256=manifest.inputs["model"]["sha256"][tower],
                 lowering=record,
             )
@@ -308,17 +279,9 @@ def build_bundle(
     return manifest
 
 
-def _calib_identity(calib) -> dict | None:
-    if calib is None:
-        return None
-    if str(calib).startswith("dataset:"):  # generated deterministically from the named dataset
-        return {"path": str(calib), "sha256": None}
-    return {"path": str(calib), "sha256": sha256_tree(Path(calib))}
-
-
 def _check_kept_nodes(lower: Lowering, manifest: Manifest) -> None:
     """Every --keep-fp32 name must be a node of some tower (each tower keeps those it has)."""
-    kept = {n for entry in manifest.towers.values() for n in (entry.lowering or {}).get("kept_fp32", [])}
+    kept = {n for entry in manifest.towers.values() if entry.lowering for n in entry.lowering.kept_fp32}
     missing = [n for n in lower.keep_fp32 if n not in kept]
     if missing:
         raise DcncError(f"--keep-fp32 {missing[0]!r}: no tower graph has a node of that name")
@@ -327,14 +290,14 @@ def _check_kept_nodes(lower: Lowering, manifest: Manifest) -> None:
 def _check_ort_session(tmp: Path, entry: TowerEntry, tower: str, backend: str, options, save_optimized: bool, portable: dict) -> None:
     """Open the lowered graph in ONNX Runtime (so a bundle that cannot load is never written), saving ORT's
     optimised graph when asked."""
-    from toolkit.backends.ort.loader import save_optimized_graph, session_from_onnx
+    from toolkit.backends.ort.loader import ort_session, save_optimized_graph
 
     if save_optimized:
         entry.optimized_onnx = f"{tower}.ort-optimized.onnx"
         save_optimized_graph(tmp / entry.onnx, tmp / entry.optimized_onnx, backend, options)
         portable[entry.optimized_onnx] = False
     else:
-        session_from_onnx(tmp / entry.onnx, backend, options)
+        ort_session(tmp / entry.onnx, backend, options)
 
 
 def _prepare_timing_cache(tmp: Path, out: Path, timing_cache, trt_options, manifest: Manifest) -> Path:

@@ -180,13 +180,10 @@ def model_config(
 def _external_data(bundle: Path, onnx_rel: str) -> list[str]:
     """Files (relative to the bundle) holding the ONNX file's external initializers; they go beside model.onnx
     under their own names, which the graph refers to."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
+    from toolkit.core.onnxio import external_data_locations, load_onnx
 
-    model = onnx.load(str(bundle / onnx_rel), load_external_data=False)
-    initializers = [t for t in model.graph.initializer if uses_external_data(t)]
-    locations = {e.value for t in initializers for e in t.external_data if e.key == "location"}
-    return sorted(str(Path(onnx_rel).parent / loc) for loc in locations)
+    model = load_onnx(bundle / onnx_rel, external_data=False)
+    return [str(Path(onnx_rel).parent / location) for location in external_data_locations(model)]
 
 
 def _model_files(bundle: Path, entry: TowerEntry, platform: str) -> dict[str, str]:

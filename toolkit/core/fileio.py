@@ -1,15 +1,18 @@
-"""Atomic file and directory writes (a temp path beside the target, renamed into place only when complete), and
-content hashes of files and folders."""
+"""Atomic file and directory writes (a temp path beside the target, renamed into place only when complete), JSON
+files written the one way dcnc writes them, and content hashes of files and folders."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from toolkit.core.errors import DcncError
 
@@ -78,6 +81,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def json_safe(value: Any) -> Any:
+    """A copy JSON can hold exactly: NaN and infinities become None (JSON has no NaN), tuples lists, paths and
+    keys strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | Path, data: Any, sort_keys: bool = False) -> None:
+    """`data` as indented JSON (json_safe), written atomically."""
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
 
 
 def sha256_file(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Progress on stderr for loops longer than a second."""
+"""The one progress bar: rich, on stderr, for loops longer than a second (or nothing at all when disabled)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ from typing import Any
 
 @dataclass
 class StepBar:
-    """A rich progress bar on stderr over a known number of steps (a no-op when disabled), for work longer than a
-    second: benchmarks, corpus embedding, latency sweeps."""
+    """A progress bar over `total` steps (None: unknown) on stderr, a no-op when disabled: benchmarks, corpus
+    embedding, latency sweeps, calibration passes, training epochs.
 
-    total: int
+    Two ways to drive it: `advance(description)` when a step starts (the previous one is then done), or
+    `done(**values)` when a step ends. `values` fill the `fields` shown after the bar, e.g.
+    fields={"loss": "loss {task.fields[loss]:.4f}"} and done(loss=0.31).
+    """
+
+    total: int | None
     enabled: bool = True
     label: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
     _progress: Any = field(default=None, init=False)
     _task: Any = field(default=None, init=False)
     _started: bool = field(default=False, init=False)
@@ -29,10 +35,11 @@ class StepBar:
                 TimeElapsedColumn,
             )
 
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), console=Console(stderr=True), transient=True)  # fmt: skip
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+            columns += [TextColumn(template) for template in self.fields.values()]
+            self._progress = Progress(*columns, console=Console(stderr=True), transient=True)
             self._progress.__enter__()
-            self._task = self._progress.add_task(self.label, total=self.total)
+            self._task = self._progress.add_task(self.label, total=self.total, **{k: float("nan") for k in self.fields})
         return self
 
     def advance(self, description: str) -> None:
@@ -41,7 +48,18 @@ class StepBar:
             self._progress.update(self._task, description=description, advance=1 if self._started else 0)
         self._started = True
 
+    def describe(self, description: str) -> None:
+        """Say what the steps now under way are, without counting one."""
+        if self._progress is not None:
+            self._progress.update(self._task, description=description)
+
+    def done(self, **values: Any) -> None:
+        """Count one step as finished, updating the shown fields with `values`."""
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, **values)
+
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=self.total)
+            if self.total is not None:
+                self._progress.update(self._task, completed=self.total)
             self._progress.__exit__(*exc)

@@ -32,7 +32,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from toolkit.core.errors import DcncError
-from toolkit.report.verify import SCHEMA
+from toolkit.evaluate.result import SCHEMA, Gate
 
 
 @dataclass
@@ -61,26 +61,6 @@ DEFAULTS: dict[str, Thresholds] = {
                        auc_diff=5e-3, logloss_diff=1e-2),
 }
 GATE_KEYS = tuple(f.name for f in dataclasses.fields(Thresholds))
-
-
-@dataclass
-class Gate:
-    """One checked condition: `value` compared with `threshold` by `op` (">=" or "<=")."""
-
-    name: str
-    value: float
-    threshold: float
-    op: str
-
-    @property
-    def passed(self) -> bool:
-        if math.isnan(self.value):
-            return False
-        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "value": self.value, "threshold": self.threshold, "op": self.op,
-                "passed": self.passed}
 
 
 def load_gates_file(path: str | Path) -> tuple[str | None, dict[str, float]]:
@@ -186,7 +166,7 @@ def _time_ratio(entry: dict[str, Any]) -> float:
 
 def baseline_gates(latency: dict[str, Any], baseline: dict[str, Any], floor: float, where: str = "baseline") -> list[Gate]:
     """One gate per tower and batch size measured in both runs: the relative growth of the candidate/reference
-    time ratio since the baseline must not exceed this run's noise (see toolkit.backends.latency), nor `floor`."""
+    time ratio since the baseline must not exceed this run's noise (see toolkit.evaluate.latency), nor `floor`."""
     gates = []
     old_towers = baseline["latency"]["towers"]
     for tower, batches in latency["towers"].items():

@@ -1,9 +1,6 @@
-"""Numeric parity of a candidate's outputs against a reference's, and the export-time check of an ONNX file.
-
-`compare_outputs` judges two dicts of output arrays (elementwise |a - b| <= atol + rtol |b|, and cosine per
-output) and is shared with later verification; `validate_tower` runs an exported file in ONNX Runtime (CPU)
-beside its torch tower on random inputs at batch 1 and a large batch, and on real rows where there are some.
-"""
+"""The export-time check of an ONNX file: `validate_tower` runs it in ONNX Runtime (CPU) beside its torch tower on
+random inputs at batch 1 and a large batch, and on real rows where there are some, and judges every output
+with the comparator (toolkit.evaluate.parity.compare_outputs)."""
 
 from __future__ import annotations
 
@@ -15,114 +12,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from toolkit.core.errors import DcncError, GateFailed, first_line
+from toolkit.evaluate.parity import OutputParity, Tolerance, compare_outputs
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from toolkit.model.loading import LoadedTower
 
-DEFAULT_RTOL = 1e-5
-DEFAULT_ATOL_SCALE = 1e-5  # the default atol is this fraction of the output's scale (max |reference|)
-DEFAULT_MIN_COSINE = 0.99999
 DEFAULT_LARGE_BATCH = 4096
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Pass when |candidate - reference| <= atol + rtol * |reference| everywhere and cosine >= min_cosine.
-
-    atol None: DEFAULT_ATOL_SCALE x the output's scale, so an error of 1e-5 of the scale passes whatever the
-    output's magnitude (a logit of 30 and a unit-norm embedding are judged alike).
-    """
-
-    atol: float | None = None
-    rtol: float = DEFAULT_RTOL
-    min_cosine: float = DEFAULT_MIN_COSINE
-
-    def __post_init__(self) -> None:
-        if (self.atol is not None and not self.atol >= 0) or not self.rtol >= 0:
-            raise DcncError(f"tolerances must be >= 0 (atol {self.atol}, rtol {self.rtol})")
-        if not -1.0 <= self.min_cosine <= 1.0:
-            raise DcncError(f"the cosine threshold must lie in [-1, 1], got {self.min_cosine}")
-
-
-@dataclass
-class OutputParity:
-    """How one output of the candidate compares with the reference on one set of inputs (`case`)."""
-
-    output: str
-    case: str
-    passed: bool
-    max_abs: float = float("nan")
-    where: tuple[int, ...] = ()  # index of the largest absolute error
-    rel_err: float = float("nan")  # max_abs / |reference| at `where`
-    scale: float = float("nan")  # max |reference|
-    cosine: float = float("nan")
-    atol: float = float("nan")
-    mismatched: int = 0  # elements outside atol + rtol |reference|
-    size: int = 0
-    reason: str = ""  # why no number could be computed (a missing output, a shape mismatch, a runtime error)
-
-    @property
-    def error_to_scale(self) -> float:
-        return self.max_abs / self.scale if self.scale > 0 else self.max_abs
-
-
-def compare_outputs(
-    reference: dict[str, np.ndarray],
-    candidate: dict[str, np.ndarray],
-    tolerance: Tolerance = Tolerance(),
-    case: str = "",
-) -> list[OutputParity]:
-    """One OutputParity per reference output, in the reference's order."""
-    return [_compare_one(name, ref, candidate.get(name), tolerance, case) for name, ref in reference.items()]
-
-
-def _compare_one(name: str, ref: np.ndarray, cand: np.ndarray | None, tol: Tolerance, case: str) -> OutputParity:
-    if cand is None:
-        return OutputParity(name, case, False, reason="missing from the candidate's outputs")
-    ref, cand = np.asarray(ref), np.asarray(cand)
-    if ref.shape != cand.shape:
-        return OutputParity(name, case, False, reason=f"shape {list(cand.shape)}, expected {list(ref.shape)}")
-    r, c = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
-    finite = np.isfinite(r)
-    scale = float(np.abs(r[finite]).max()) if finite.any() else 0.0
-    scale = scale if scale > 0 else 1.0
-    atol = tol.atol if tol.atol is not None else DEFAULT_ATOL_SCALE * scale
-    # NaN/Inf in the same place on both sides count as equal; anywhere else as an infinite error
-    same_nonfinite = (r == c) | (np.isnan(r) & np.isnan(c))
-    err = np.where(same_nonfinite, 0.0, np.abs(c - r))
-    err = np.where(np.isnan(err), np.inf, err)
-    mismatched = int(np.count_nonzero(err > atol + tol.rtol * np.abs(np.where(finite, r, 0.0))))
-    at = int(np.argmax(err)) if err.size else 0
-    max_abs = float(err[at]) if err.size else 0.0
-    rel = max_abs / abs(r[at]) if err.size and r[at] != 0 else (0.0 if max_abs == 0 else float("inf"))
-    cos = _cosine(r, c)
-    return OutputParity(
-        output=name,
-        case=case,
-        passed=mismatched == 0 and cos >= tol.min_cosine,
-        max_abs=max_abs,
-        where=tuple(int(i) for i in np.unravel_index(at, ref.shape)) if ref.ndim and err.size else (),
-        rel_err=float(rel),
-        scale=scale,
-        cosine=cos,
-        atol=float(atol),
-        mismatched=mismatched,
-        size=int(r.size),
-    )
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two flattened outputs; 1.0 when both are all zeros, -1 when either is not finite."""
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return -1.0
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
 
 
 @dataclass(eq=False)  # eq would make the exception unhashable
@@ -145,35 +40,6 @@ class ParityFailed(GateFailed):
         return f"ONNX output differs from torch in {len(failed)} check(s){detail}{kept}"
 
 
-def worst_table(checks: dict[str, list[OutputParity]], limit: int = 10) -> Table:
-    """A rich table of the worst comparisons (failures first, then by error relative to scale)."""
-    from rich.table import Table
-
-    rows = sorted(
-        ((tower, c) for tower, cs in checks.items() for c in cs),
-        key=lambda tc: (tc[1].passed, -np.nan_to_num(tc[1].error_to_scale, nan=np.inf)),
-    )[:limit]
-    table = Table(title="Worst outputs: ONNX Runtime vs torch", title_justify="left")
-    for column in ("tower", "output", "inputs", "max abs", "at", "rel", "err/scale", "cosine", ""):
-        table.add_column(column, justify="right" if column not in ("tower", "output", "inputs", "") else "left")
-    for tower, c in rows:
-        verdict = "[green]ok[/green]" if c.passed else f"[red]FAIL[/red] {c.reason}".rstrip()
-        if not c.passed and not c.reason:
-            verdict += f" ({c.mismatched}/{c.size} beyond tolerance)" if c.mismatched else " (cosine)"
-        table.add_row(
-            tower,
-            c.output,
-            c.case,
-            f"{c.max_abs:.3g}",
-            str(list(c.where)) if c.where else "-",
-            f"{c.rel_err:.3g}",
-            f"{c.error_to_scale:.3g}",
-            f"{c.cosine:.7f}",
-            verdict,
-        )
-    return table
-
-
 def validate_tower(
     tower: LoadedTower,
     onnx_path: str | Path,
@@ -187,14 +53,12 @@ def validate_tower(
     Random inputs at each batch in `batches` (clamped to the batch range a `.pt2` program accepts), and
     `real_rows` (feeds keyed by input name) when given. An ONNX Runtime error is a failed check, not a crash.
     """
-    import onnxruntime as ort
+    from toolkit.backends.ort.loader import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:
-        return [OutputParity(n, "loading", False, reason=f"onnxruntime cannot load it: {first_line(err)[:300]}") for n in tower.output_names]
+        session = ort_session(onnx_path)
+    except DcncError as err:
+        return [OutputParity(n, "loading", False, reason=str(err)[:300]) for n in tower.output_names]
     cases: dict[str, dict[str, np.ndarray]] = {}
     if tower.has_batch:
         low, high = tower.batch_range

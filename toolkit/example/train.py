@@ -27,18 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from toolkit.core.errors import DcncError
+from toolkit.core.progress import StepBar
 from toolkit.evaluate.metrics import auc, logloss, recall_at_k
-from toolkit.example.data import Interactions, load_dataset
+from toolkit.example.data import load_dataset
 from toolkit.example.data.evalsplit import (
     Split,
     calibration_sample,
@@ -49,6 +42,7 @@ from toolkit.example.data.evalsplit import (
     save_npz,
     split_interactions,
 )
+from toolkit.example.data.interactions import Interactions
 from toolkit.model.checkpoint import read_checkpoint, save_checkpoint
 from toolkit.model.spec import ModelSpec
 from toolkit.model.zoo.families import Ranker, TwoTower, build_model
@@ -313,19 +307,17 @@ def _fit(model, loss_fn, rows: int, config: TrainConfig, seed: int, label: str, 
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     steps = -(-rows // config.batch_size)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}")]  # fmt: skip
     model.train()
-    with Progress(*columns, console=Console(stderr=True), disable=quiet) as progress:
-        task = progress.add_task(f"{label} epoch 1/{config.epochs}", total=config.epochs * steps, loss=float("nan"))
+    loss_field = {"loss": "loss {task.fields[loss]:.4f}"}
+    with StepBar(config.epochs * steps, enabled=not quiet, fields=loss_field) as bar:
         for epoch in range(config.epochs):
-            progress.update(task, description=f"{label} epoch {epoch + 1}/{config.epochs}")
+            bar.describe(f"{label} epoch {epoch + 1}/{config.epochs}")
             for batch in torch.randperm(rows, generator=generator).split(config.batch_size):
                 loss = loss_fn(batch)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                progress.update(task, advance=1, loss=loss.item())
+                bar.done(loss=loss.item())
     model.eval()
 
 

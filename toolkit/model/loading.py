@@ -75,7 +75,10 @@ class LoadedTower:
 
 @dataclass
 class LoadedModel:
-    """A model ready to export: its towers, its spec (dcnc checkpoints only), and where it came from."""
+    """A model ready to export: its towers, its spec (dcnc checkpoints only), and where it came from.
+
+    eval_data: the evaluation split a checkpoint names. calibration: tower -> calibration file, those a
+    checkpoint names (`extra.calib_data`), else any `<tower>_calib.npz` beside a model file."""
 
     towers: dict[str, LoadedTower]
     spec: ModelSpec | None
@@ -83,6 +86,7 @@ class LoadedModel:
     source_hash: str
     kind: str  # "checkpoint" | "factory" | "pt2"
     eval_data: Path | None = None
+    calibration: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def select(self, names: list[str] | None) -> dict[str, LoadedTower]:
@@ -148,14 +152,29 @@ def _load_dcnc_checkpoint(path: Path) -> LoadedModel:
         for name, tower in model.towers().items()
     }
     loaded = LoadedModel(towers, spec, str(path), file_sha256(path), "checkpoint")
-    eval_data = extra.get("eval_data") if isinstance(extra, dict) else None
+    extra = extra if isinstance(extra, dict) else {}
+    eval_data = extra.get("eval_data")
     if isinstance(eval_data, str) and eval_data:
         candidate = path.parent / eval_data
         if candidate.is_file():
             loaded.eval_data = candidate
         else:
             loaded.notes.append(f"evaluation data {candidate} named by the checkpoint is missing; random inputs only")
+    named = extra.get("calib_data")
+    loaded.calibration = _calibration_files(path, towers, named if isinstance(named, dict) else {})
     return loaded
+
+
+def _calibration_files(path: Path, towers: dict[str, LoadedTower], named: dict) -> dict[str, Path]:
+    """Per tower, the calibration file a checkpoint names, else `<tower>_calib.npz` beside the model file."""
+    files = {}
+    for tower in towers:
+        name = named.get(tower)
+        for candidate in (name if isinstance(name, str) else None, f"{tower}_calib.npz"):
+            if candidate and (path.parent / candidate).is_file():
+                files[tower] = path.parent / candidate
+                break
+    return files
 
 
 # ---- package.module:factory
@@ -265,6 +284,7 @@ def _load_program(path: Path) -> LoadedModel:
     outputs = [f"output_{i}" for i in range(len(program.graph_signature.user_outputs))]
     tower = LoadedTower(path.stem, program.module(), specs, outputs, program, dim_sizes, batch_range)
     loaded = LoadedModel({tower.name: tower}, None, str(path), file_sha256(path), "pt2")
+    loaded.calibration = _calibration_files(path, loaded.towers, {})
     if not tower.has_batch:
         loaded.notes.append(
             f"{path}: the program was exported without a dynamic batch dimension, so its ONNX has fixed shapes"

@@ -17,8 +17,9 @@ from typing import Any
 
 from toolkit.core.errors import DcncError
 from toolkit.core.fileio import atomic_write_text
+from toolkit.evaluate.result import SCHEMA
 from toolkit.report.svgchart import PALETTE, Bar, Series, bar_chart, line_chart, usable
-from toolkit.report.verify import SCHEMA, format_number
+from toolkit.report.verify import format_number
 
 REFERENCE_COLOR, CANDIDATE_COLOR = PALETTE[0], PALETTE[1]
 HISTOGRAM_BARS = 48  # at most this many bars per error histogram: neighbouring log bins are merged

@@ -9,12 +9,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from toolkit.commands.run.pipeline import Target
 
-
-def target_summary(model: str, target: Target, report: dict[str, Any], stages: dict[str, str],
+def target_summary(model: str, target: Any, report: dict[str, Any], stages: dict[str, str],
                    paths: dict[str, str]) -> dict[str, Any]:
-    """The numbers the run summary shows for one target, from its verify report (toolkit.report.verify.to_json)."""
+    """The numbers the run summary shows for one target (a pipeline Target: its name, backend and precision),
+    from its verify report (toolkit.report.verify.to_json)."""
     parity = report.get("parity") or {}
     cosines = [p["cosine_min"] for p in parity.values() if p.get("cosine_min") is not None]
     errors = [p["max_abs"] for p in parity.values() if p.get("max_abs") is not None]

@@ -7,87 +7,16 @@ null in JSON, which has no NaN.
 from __future__ import annotations
 
 import datetime
-import json
 import math
-import os
-import platform
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.core.fileio import atomic_write_text
+from toolkit.core import fileio
+from toolkit.evaluate.result import SCHEMA, Report
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-    from toolkit.evaluate.gates import Gate
-
-SCHEMA = "dcnc.verify/1"
-
-
-@dataclass
-class Report:
-    """Everything verify measured and decided. `passed` is true when every gate passed."""
-
-    reference: str
-    candidate: str
-    precision: str
-    device: str
-    gates: list[Gate]
-    parity: dict[str, dict[str, Any]]
-    retrieval: dict[str, Any] | None = None
-    ranking: dict[str, Any] | None = None
-    latency: dict[str, Any] | None = None
-    thresholds: dict[str, Any] = field(default_factory=dict)
-    data: str = ""
-    emulation: str | None = None  # how the candidate's answers were computed, when not by the bundle itself
-    seconds: float = 0.0
-    machine: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool:
-        return all(g.passed for g in self.gates)
-
-    @property
-    def failed_gates(self) -> list[Gate]:
-        return [g for g in self.gates if not g.passed]
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """Where the numbers were measured: host, CPU, core count, library versions, the GPU when timing on CUDA."""
-    versions = {}
-    for package in ("numpy", "torch", "onnx", "onnxruntime", "tensorrt", "faiss-cpu"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    info = {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
-    if device == "cuda":
-        import torch
-
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe copy: NaN / Inf floats become None, tuples lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
 
 def to_json(report: Report) -> dict[str, Any]:
     body = {
@@ -110,11 +39,11 @@ def to_json(report: Report) -> dict[str, Any]:
         body["retrieval"] = report.retrieval
     if report.ranking is not None:
         body["ranking"] = report.ranking
-    return _finite(body)
+    return fileio.json_safe(body)
 
 
 def write_json(report: Report, path: str | Path) -> None:
-    atomic_write_text(path, json.dumps(to_json(report), indent=2, allow_nan=False) + "\n")
+    fileio.write_json(path, to_json(report))
 
 
 def format_number(value: Any, digits: int = 4) -> str:
@@ -246,11 +175,11 @@ def junit_xml(report: Report) -> str:
 
 
 def write_markdown(report: Report, path: str | Path) -> None:
-    atomic_write_text(path, markdown(report))
+    fileio.atomic_write_text(path, markdown(report))
 
 
 def write_junit(report: Report, path: str | Path) -> None:
-    atomic_write_text(path, junit_xml(report))
+    fileio.atomic_write_text(path, junit_xml(report))
 
 
 def print_summary(report: Report, console: Console) -> None:

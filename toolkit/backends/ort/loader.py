@@ -6,23 +6,15 @@ and measured 2x slower here). CUDA: the CUDA execution provider on one device, o
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from toolkit.core.errors import DcncError, first_line
+from toolkit.core.machine import usable_cores
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -79,14 +71,18 @@ def require_cuda_provider() -> str:
 
 
 def session_options(
-    options: OrtOptions, optimized_model_path: Path | None = None, preoptimized: bool = False, spinning: bool = True
+    options: OrtOptions,
+    optimized_model_path: Path | None = None,
+    preoptimized: bool = False,
+    spinning: bool = True,
+    profile_prefix: str | None = None,
 ):
     """onnxruntime.SessionOptions: sequential executor, intra-op threads, optimisation level.
 
     `optimized_model_path` makes the session write its optimised graph there; `preoptimized` (the model is such
     a graph) turns graph optimisation off so it is not redone at every load. `spinning=False` for sessions timed
     in turn with others: an idle session's spinning intra-op threads steal the cores from the one being timed
-    (measured on 2 cores: up to 10x distortions).
+    (measured on 2 cores: up to 10x distortions). `profile_prefix`: write ORT's per-node profile (JSON) there.
     """
     ort = _onnxruntime()
     levels = {
@@ -105,6 +101,9 @@ def session_options(
         so.optimized_model_filepath = str(optimized_model_path)
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     return so
 
 
@@ -116,64 +115,82 @@ def providers(backend: str, options: OrtOptions) -> list:
     return [(CUDA_PROVIDER, cuda), CPU_PROVIDER]
 
 
-class SessionFromOnnx:
-    """Loader: calling it creates an onnxruntime.InferenceSession for `path` (polygraphy-style: args now, work later).
+def ort_session(
+    model,
+    backend: str = "ort",
+    options: OrtOptions | None = None,
+    *,
+    spinning: bool = True,
+    optimized_model_path: Path | None = None,
+    preoptimized: bool = False,
+    profile_prefix: str | None = None,
+    where: str | None = None,
+):
+    """The one place dcnc opens an onnxruntime.InferenceSession.
 
     Args:
-        path: the ONNX file.
-        backend: "ort" or "ort-cuda".
-        options: OrtOptions (default: OrtOptions()).
-        optimized_model_path: where the session saves its optimised graph (default: not saved).
-        preoptimized: `path` is already an ORT-optimised graph, so optimisation is off (default False).
-    """
+        model: an ONNX file path, serialized bytes, or an onnx.ModelProto.
+        backend: "ort" (CPU) or "ort-cuda".
+        options: OrtOptions (default OrtOptions(): all optimisations, threads = usable cores).
+        spinning: False for sessions timed in turn with others (see session_options).
+        optimized_model_path / preoptimized / profile_prefix: see session_options.
+        where: names the model in errors (default: the path, or "graph").
 
-    def __init__(
-        self,
-        path: str | Path,
-        backend: str = "ort",
-        options: OrtOptions | None = None,
-        optimized_model_path: Path | None = None,
-        preoptimized: bool = False,
-    ):
-        self.path = Path(path)
-        self.backend = backend
-        self.options = options or OrtOptions()
-        self.optimized_model_path = optimized_model_path
-        self.preoptimized = preoptimized
+    Raises DcncError in one line when onnxruntime cannot load the model or (ort-cuda) runs it off the GPU.
+    """
+    ort = _onnxruntime()
+    options = options or OrtOptions()
+    if backend == "ort-cuda":
+        require_cuda_provider()
+    if isinstance(model, (str, Path)):
+        source, where = str(model), where or str(model)
+    else:
+        source, where = (model if isinstance(model, bytes) else model.SerializeToString()), where or "graph"
+    so = session_options(options, optimized_model_path, preoptimized, spinning, profile_prefix)
+    try:
+        session = ort.InferenceSession(source, sess_options=so, providers=providers(backend, options))
+    except Exception as err:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
+        if options.cuda_graph and "CUDA Graph" in str(err):
+            # Some node fell back to the CPU provider, so this model cannot be captured: run it uncaptured.
+            uncaptured = OrtOptions(**{**options.to_dict(), "cuda_graph": False})
+            return ort_session(model, backend, uncaptured, spinning=spinning, optimized_model_path=optimized_model_path,
+                               preoptimized=preoptimized, profile_prefix=profile_prefix, where=where)  # fmt: skip
+        raise DcncError(f"{where}: onnxruntime cannot load it ({first_line(err)})") from None
+    if backend == "ort-cuda" and session.get_providers()[0] != CUDA_PROVIDER:
+        raise DcncError(
+            f"{where}: onnxruntime-gpu found no usable CUDA device {options.device_id}"
+            f" (the session fell back to {session.get_providers()})"
+        )
+    return session
+
+
+class SessionFromOnnx:
+    """Loader: calling it opens the session (polygraphy-style: arguments now, work later); see ort_session."""
+
+    def __init__(self, model, backend: str = "ort", options: OrtOptions | None = None, **kwargs):
+        self.model, self.backend, self.options, self.kwargs = model, backend, options, kwargs
 
     def __call__(self):
-        ort = _onnxruntime()
-        if self.backend == "ort-cuda":
-            require_cuda_provider()
-        so = session_options(self.options, self.optimized_model_path, self.preoptimized)
-        try:
-            session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers(self.backend, self.options))
-        except Exception as err:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
-            if self.options.cuda_graph and "CUDA Graph" in str(err):
-                # Some node fell back to the CPU provider, so this model cannot be captured: run it uncaptured.
-                retry = SessionFromOnnx(
-                    self.path, self.backend, OrtOptions(**{**self.options.to_dict(), "cuda_graph": False}),
-                    self.optimized_model_path, self.preoptimized,
-                )
-                return retry()
-            first = first_line(err)
-            raise DcncError(f"{self.path}: onnxruntime cannot load it ({first})") from None
-        if self.backend == "ort-cuda" and session.get_providers()[0] != CUDA_PROVIDER:
-            raise DcncError(
-                f"{self.path}: onnxruntime-gpu found no usable CUDA device {self.options.device_id}"
-                f" (the session fell back to {session.get_providers()})"
-            )
-        return session
+        return ort_session(self.model, self.backend, self.options, **self.kwargs)
 
 
-def session_from_onnx(path: str | Path, backend: str = "ort", options: OrtOptions | None = None, **kwargs):
-    """Eager form of SessionFromOnnx."""
-    return SessionFromOnnx(path, backend, options, **kwargs)()
+def tap_outputs(model, tensors: list[str]):
+    """A copy of `model` (onnx.ModelProto) in which each tensor in `tensors` is also a graph output (typed
+    float32, shape left to onnxruntime), so one run returns every activation asked for."""
+    import onnx
+
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(model)
+    present = {o.name for o in tapped.graph.output}
+    tapped.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in tensors if name not in present
+    )
+    return tapped
 
 
 def save_optimized_graph(onnx_path: Path, out_path: Path, backend: str, options: OrtOptions) -> None:
     """Write ORT's optimised graph of `onnx_path` to `out_path`. The result is tied to this onnxruntime version,
     provider and CPU (layouts and fused kernels are chosen for them), so the manifest marks it non-portable."""
-    SessionFromOnnx(onnx_path, backend, options, optimized_model_path=out_path)()
+    ort_session(onnx_path, backend, options, optimized_model_path=out_path)
     if not out_path.is_file():
         raise DcncError(f"{onnx_path}: onnxruntime did not write its optimised graph to {out_path}")

@@ -15,7 +15,7 @@ from toolkit.backends.tensorrt.config import (
     optimization_profile,
 )
 from toolkit.core.errors import DcncError, first_line
-from toolkit.core.fileio import atomic_write_text
+from toolkit.core.fileio import write_json
 
 SUPPORTED_MAJORS = (10, 11)
 
@@ -84,7 +84,7 @@ def prepare_timing_cache(path: Path, key: dict) -> str:
             return "reused"
         path.unlink()
         outcome = "rebuilt (its key did not match)"
-    atomic_write_text(key_path, json.dumps(key, indent=2, sort_keys=True))
+    write_json(key_path, key, sort_keys=True)
     return outcome
 
 

@@ -2,7 +2,7 @@
 
 Per tower, every runner (toolkit.commands.bench.runners: torch eager, torch.compile, AOTInductor, ORT FP32/FP16/INT8
 bundles, ORT CUDA and TensorRT on a GPU, bundles given with --bundle) is made ready first; then each batch size
-is timed with all runners interleaved round-robin (toolkit.backends.latency.time_interleaved: one call of each per round,
+is timed with all runners interleaved round-robin (toolkit.backends.timing.time_interleaved: one call of each per round,
 the order rotating), so drift in machine load hits all of them equally. Each result is read against torch eager
 (speedup of p50) and, through the tower's FLOPs per sample (graphs.inspect), against the measured peak of one
 large MatMul in the runner's runtime, in FP32 and in the runner's precision (toolkit.commands.bench.peak).
@@ -10,7 +10,6 @@ large MatMul in the runner's runtime, in FP32 and in the runner's precision (too
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
-from toolkit.backends.latency import Timer, summarize, time_interleaved, timer_for
+from toolkit.backends.timing import Timer, time_interleaved, timer_for
 from toolkit.commands.bench.runners import (
     DEFAULT_RUNNERS,
     RUNNER_KINDS,
@@ -32,8 +31,10 @@ from toolkit.commands.bench.runners import (
     bundle_tower_runner,
     prepare,
 )
+from toolkit.commands.calibration_data import check_source
 from toolkit.core.errors import DcncError
 from toolkit.core.progress import StepBar
+from toolkit.evaluate.latency import summarize
 
 SCHEMA = "dcnc.bench/1"
 DEFAULT_BATCH_SIZES = (1, 64, 256, 4096)
@@ -82,8 +83,7 @@ class BenchOptions:
             raise DcncError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.peak_n is not None and self.peak_n < 16:
             raise DcncError(f"peak_n {self.peak_n}: a MatMul peak needs a matrix of at least 16 x 16")
-        if self.calib is not None and not Path(self.calib).exists():
-            raise DcncError(f"--calib {self.calib}: not found")
+        check_source(self.calib)
 
     def kinds(self) -> list[RunnerKind]:
         """The runners to time, in order, refusing unknown names and runners for another device."""
@@ -153,9 +153,8 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
     import torch
 
     from toolkit.backends.bundle import check_bundle
-    from toolkit.backends.ort.loader import usable_cores
+    from toolkit.core.machine import machine_info, usable_cores
     from toolkit.model.loading import load_model
-    from toolkit.report.verify import machine_info
 
     options = options or BenchOptions()
     options.check()
@@ -351,10 +350,9 @@ def _read_against(report: dict[str, Any]) -> None:
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
     """Write the report atomically; NaN and infinities become null."""
-    from toolkit.core.fileio import atomic_write_text
-    from toolkit.report.verify import _finite
+    from toolkit.core.fileio import write_json
 
-    atomic_write_text(path, json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    write_json(path, report)
 
 
 # --- output -------------------------------------------------------------------------------------------------------

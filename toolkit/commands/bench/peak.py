@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from toolkit.backends.latency import device_call, time_interleaved, timer_for
+from toolkit.backends.timing import device_call, time_interleaved, timer_for
 from toolkit.core.errors import DcncError
 
 # Big enough to reach the kernels' steady state, small enough to time in well under a second.
@@ -127,14 +127,14 @@ def ort_matmul_peak(
 ) -> Peak:
     """Peak of a one-MatMul graph in ONNX Runtime: `ort` (CPU, timed on the host clock) or `ort-cuda` (inputs
     bound on the device, timed with CUDA events). Raises DcncError when the runtime has no kernel for it."""
-    from toolkit.backends.ort.loader import OrtOptions
-    from toolkit.commands.bench.runners import bench_session
+    from toolkit.backends.ort.loader import OrtOptions, ort_session
 
     device = "cuda" if backend == "ort-cuda" else "cpu"
     n = n or DEFAULT_N[device]
     if precision == "bf16":
         raise DcncError("matmul peak: ONNX Runtime has no bfloat16 MatMul kernel here")
-    session = bench_session(matmul_graph(precision, n).SerializeToString(), backend, OrtOptions(threads=threads))
+    session = ort_session(matmul_graph(precision, n), backend, OrtOptions(threads=threads), spinning=False,
+                          where=f"{precision} MatMul")
     feed = _matmul_feed(precision, n)
     if device == "cpu":
         def call():

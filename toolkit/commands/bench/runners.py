@@ -9,7 +9,6 @@ Inputs are made once per batch and placed on the device before timing, so only t
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit import __version__
-from toolkit.backends.latency import TimedCall, device_call
+from toolkit.backends.timing import TimedCall, device_call
 from toolkit.core.errors import DcncError, first_line
 from toolkit.model.loading import LoadedModel, LoadedTower
 
@@ -133,31 +131,6 @@ class BundlePrepared(Prepared):
 
 
 # --- sessions and bundles -----------------------------------------------------------------------------------
-def bench_session(model: str | bytes, backend: str = "ort", options: Any = None, preoptimized: bool = False):
-    """An onnxruntime session set up as dcnc's bundles set theirs (toolkit.backends.ort.loader; `options` an
-    OrtOptions), with intra-op spinning off: sessions that take turns must not leave a pool spinning on the
-    cores the next one needs (as graphs.branches.time_branches does)."""
-    import onnxruntime as ort
-
-    from toolkit.backends.ort.loader import (
-        OrtOptions,
-        providers,
-        require_cuda_provider,
-        session_options,
-    )
-
-    if backend == "ort-cuda":
-        require_cuda_provider()
-    options = options or OrtOptions()
-    so = session_options(options, preoptimized=preoptimized, spinning=False)
-    try:
-        return ort.InferenceSession(model, sess_options=so, providers=providers(backend, options))
-    except Exception as err:  # onnxruntime raises its own untyped errors (NotImplemented, Fail, ...)
-        first = first_line(err)
-        where = model if isinstance(model, str) else "graph"
-        raise DcncError(f"{where}: onnxruntime ({backend}) cannot run it ({first[:200]})") from None
-
-
 def bundle_tower_runner(bundle: Path, manifest: Any, tower: str, threads: int | None):
     """The runner of `tower` in a checked bundle: ORT sessions as the manifest says but with `threads` (when
     given) and spinning off; TensorRT through toolkit.backends.bundle.tower_runner."""
@@ -165,7 +138,7 @@ def bundle_tower_runner(bundle: Path, manifest: Any, tower: str, threads: int | 
 
     if manifest.backend not in ("ort", "ort-cuda"):
         return tower_runner(bundle, manifest, tower)
-    from toolkit.backends.ort.loader import OrtOptions
+    from toolkit.backends.ort.loader import OrtOptions, ort_session
     from toolkit.backends.ort.runner import OrtRunner
 
     entry = manifest.towers[tower]
@@ -173,7 +146,9 @@ def bundle_tower_runner(bundle: Path, manifest: Any, tower: str, threads: int | 
     if threads:
         settings["threads"] = threads
     graph = bundle / (entry.optimized_onnx or entry.onnx)
-    session = bench_session(str(graph), manifest.backend, OrtOptions(**settings), preoptimized=bool(entry.optimized_onnx))
+    # spinning off: sessions that take turns must not leave a pool spinning on the cores the next one needs
+    session = ort_session(graph, manifest.backend, OrtOptions(**settings), spinning=False,
+                          preoptimized=bool(entry.optimized_onnx))
     return OrtRunner(session, name=f"{manifest.backend}:{tower}", batch_range=manifest.batch_range())
 
 
@@ -185,15 +160,15 @@ def bundle_kind(manifest: Any) -> RunnerKind:
 
 class Workspace:
     """What runners are built from for one model, cached under `<out>/cache/<model key>/`: each tower's exported
-    ONNX, bundles per backend and precision, AOTInductor packages. A cached bundle is reused only when its key
-    (graph, calibration data, batch profile, dcnc version) matches and check_bundle accepts it."""
+    ONNX, bundles per backend and precision (kept while their stage stamp is current), AOTInductor packages.
+    Calibration data: `calib` (toolkit.commands.calibration_data sources), else the model's own files."""
 
     def __init__(self, loaded: LoadedModel, out: str | Path, device: str, batch_sizes: tuple[int, ...],
                  threads: int | None = None, calib: str | Path | None = None):  # fmt: skip
         import torch
 
         self.loaded, self.device, self.threads = loaded, device, threads
-        self.calib = Path(calib) if calib is not None else None
+        self.calib = calib
         sizes = sorted(batch_sizes)
         self.batch_profile = (sizes[0], sizes[len(sizes) // 2], sizes[-1])
         # what the export depends on: the model's bytes, its kind and file name (kept in the ONNX metadata), torch
@@ -211,54 +186,37 @@ class Workspace:
             export_tower(self.loaded.towers[tower], path, metadata=source_metadata(self.loaded))
         return path
 
-    def calibration(self, tower: str) -> Path | None:
-        """Calibration data for `tower`: --calib (a folder's <tower>_calib.npz, else the path as given), or the
-        file a dcnc checkpoint names for the tower, or <tower>_calib.npz beside the model."""
-        if self.calib is not None:
-            per_tower = self.calib / f"{tower}_calib.npz"
-            return per_tower if self.calib.is_dir() and per_tower.is_file() else self.calib
-        source = Path(self.loaded.source)
-        names = {}
-        if self.loaded.kind == "checkpoint":
-            from toolkit.model.checkpoint import read_checkpoint
-
-            names = read_checkpoint(source).get("extra", {}).get("calib_data") or {}
-        for candidate in (names.get(tower), f"{tower}_calib.npz"):
-            if candidate and (source.parent / candidate).is_file():
-                return source.parent / candidate
-        return None
-
     def bundle(self, tower: str, kind: RunnerKind) -> Path:
-        """A bundle of `tower` for `kind`'s backend and precision, built (or reused) under the cache."""
-        from toolkit.backends.bundle import check_bundle
-        from toolkit.commands.build import build_bundle, source_sha256
-        from toolkit.core.fileio import sha256_tree
+        """A bundle of `tower` for `kind`'s backend and precision under the cache, rebuilt when its stage stamp
+        (graph, calibration data, options, runtime versions) is not current, as `dcnc run` rebuilds a target."""
+        from toolkit.backends.bundle import installed_versions
+        from toolkit.commands.build import Lowering, build_bundle, source_sha256
+        from toolkit.commands.calibration_data import source_hash, tower_source
+        from toolkit.core.stamps import Stage
 
         onnx_path = self.onnx(tower)
-        calib = self.calibration(tower) if kind.precision in ("int8", "fp16", "bf16") else None
-        if kind.precision == "int8" and calib is None:
-            raise DcncError(
-                f"no calibration data for tower {tower}: pass --calib, or keep {tower}_calib.npz beside the model"
-            )
-        key = hashlib.sha256(json.dumps({
-            "graph": source_sha256(onnx_path), "calib": sha256_tree(calib) if calib else None,
-            "backend": kind.backend, "precision": kind.precision, "batch": self.batch_profile, "dcnc": __version__,
-        }, sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
-        out = self.root / "bundles" / f"{tower}-{kind.backend}-{kind.precision}-{key}"
-        if out.is_dir():
-            try:
-                check_bundle(out)
-                return out
-            except DcncError:
-                pass  # built by another runtime or tampered with: rebuilt below
-        build_bundle(onnx_path, out, kind.backend, kind.precision, calib=calib, batch=self.batch_profile, force=True)
+        calib = None
+        if kind.precision != "fp32":
+            source = self.calib if self.calib is not None else self.loaded.calibration or None
+            calib = tower_source(source, tower, self.loaded.towers[tower].input_specs)
+        Lowering(kind.precision).check(calib)
+        out = self.root / "bundles" / f"{tower}-{kind.backend}-{kind.precision}"
+        stage = Stage(f"bench/{tower}/{kind.name}", out.with_name(out.name + ".stamp.json"), {
+            "graph": source_sha256(onnx_path), "calib": source_hash(calib), "backend": kind.backend,
+            "precision": kind.precision, "batch": self.batch_profile, "versions": installed_versions(kind.backend),
+        }, {"bundle": out})  # fmt: skip
+        if stage.current() is None:
+            stage.invalidate()
+            started = time.perf_counter()
+            build_bundle(onnx_path, out, kind.backend, kind.precision, calib=calib, batch=self.batch_profile, force=True)
+            stage.record(time.perf_counter() - started)
         return out
 
     def aot_package(self, tower: str) -> Path:
         """The tower compiled ahead of time by AOTInductor for this device (a .pt2 package)."""
         import torch
 
-        from graphs.export import _dynamic_shapes
+        from graphs.export import dynamic_shapes
         from toolkit.core.fileio import atomic_path
 
         path = self.root / "aot" / self.device / f"{tower}.pt2"
@@ -270,7 +228,7 @@ class Workspace:
         else:
             feed = loaded.feeds(2)
             args = tuple(torch.from_numpy(feed[s.name]).to(self.device) for s in loaded.input_specs)
-            program = torch.export.export(loaded.module, args, dynamic_shapes=_dynamic_shapes(loaded))
+            program = torch.export.export(loaded.module, args, dynamic_shapes=dynamic_shapes(loaded))
         with atomic_path(path) as tmp:
             tmp.unlink()  # AOTInductor writes the package itself, to a name ending in .pt2
             package = tmp.with_suffix(".pt2")

@@ -99,6 +99,12 @@ class Target:
         """Where the bundle runs and verify times it."""
         return "cpu" if self.backend == "ort" else "cuda"
 
+    def lowering(self):
+        """The build's Lowering for this target (toolkit.commands.build), whose check holds the option rules."""
+        from toolkit.commands.build import Lowering
+
+        return Lowering(self.precision, calib_method=self.calib_method, calib_samples=self.calib_samples)
+
 
 @dataclass(frozen=True)
 class ModelJob:
@@ -289,6 +295,7 @@ class _Reader:
         })
 
     def targets(self, data: Any, where: str) -> tuple[Target, ...]:
+        from calibration.ranges import METHODS
         from toolkit.backends import BACKENDS
         from toolkit.commands.build import PRECISIONS
 
@@ -299,16 +306,17 @@ class _Reader:
             here = f"{where}[{index}]"
             values = self.table(entry, here, {
                 "name": _name, "backend": _choice(*BACKENDS), "precision": _choice(*PRECISIONS), "batch": _batch,
-                "calib": self.file, "calib_method": _choice("minmax", "entropy", "percentile"),
+                "calib": self.file, "calib_method": _choice(*METHODS),
                 "calib_samples": _integer, "threads": _integer, "gates": _gates,
             })
             if "name" not in values:
                 raise self.fail(f"{here}.name", "missing (each target needs a name; it names its folder)")
-            if values.get("calib_method", "minmax") != "minmax" and values.get("precision") != "int8":
-                raise self.fail(f"{here}.calib_method", "applies to precision \"int8\" only")
-            if "calib" in values and values.get("precision", "fp32") == "fp32":
-                raise self.fail(f"{here}.calib", "applies to precisions fp16, bf16 and int8, not fp32")
-            targets.append(Target(**values))
+            target = Target(**values)
+            try:
+                target.lowering().check(target.calib, calib_resolved=False)
+            except DcncError as err:
+                raise self.fail(here, str(err)) from None
+            targets.append(target)
         names = [t.name for t in targets]
         repeated = next((n for n in names if names.count(n) > 1), None)
         if repeated:

@@ -1,11 +1,10 @@
 """`dcnc run`: the stages of a pipeline in order, train-if-needed -> export -> build -> verify, each skipped
-while its stamp (toolkit.commands.run.stamps) says it is current; returns the run summary (schema dcnc.run/1).
+while its stamp (toolkit.core.stamps) says it is current; returns the run summary (schema dcnc.run/1).
 
 Output folder, per model:
 
     <out>/<model>/train/                   an example model's checkpoint, eval and calibration files
     <out>/<model>/export/  export.stamp.json      one <tower>.onnx per tower
-    <out>/<model>/calib/                   the model's per-tower calibration files, when it has several
     <out>/<model>/<target>/bundle/  build.stamp.json
     <out>/<model>/<target>/report.json, report.md, junit.xml  verify.stamp.json
     <out>/summary.json, <out>/report.html
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
+from toolkit.commands.calibration_data import source_hash
 from toolkit.commands.run.pipeline import (
     EXAMPLE_MODELS,
     ModelJob,
@@ -31,9 +31,9 @@ from toolkit.commands.run.pipeline import (
     Target,
     describe,
 )
-from toolkit.commands.run.stamps import Stage, content_hash
 from toolkit.core.errors import DcncError
-from toolkit.core.fileio import atomic_dir, atomic_write_text
+from toolkit.core.fileio import write_json
+from toolkit.core.stamps import Stage, content_hash
 from toolkit.report.runsummary import target_summary
 
 SCHEMA = "dcnc.run/1"
@@ -83,45 +83,12 @@ def _source(job: ModelJob, folder: Path, quiet: bool, say: Say) -> tuple[str, st
     return result["checkpoint"], "current"
 
 
-def checkpoint_calibration(source: str) -> dict[str, Path]:
-    """Tower -> calibration file that a dcnc checkpoint names in its `extra.calib_data` (empty if none)."""
-    from toolkit.model.checkpoint import read_checkpoint
-
-    path = Path(source)
-    if path.suffix not in (".pt", ".pth") or not path.is_file():
-        return {}
-    extra = read_checkpoint(path).get("extra", {})
-    named = extra.get("calib_data", {}) if isinstance(extra, dict) else {}
-    files = {tower: path.parent / name for tower, name in named.items() if isinstance(name, str)}
-    return {tower: file for tower, file in files.items() if file.is_file()}
-
-
-def _model_calibration(job: ModelJob, source: str, folder: Path) -> Path | None:
-    """The calibration data targets use by default: the model's `calib`, else the checkpoint's files (one
-    file as is; several copied into <model>/calib/<tower>_calib.npz, a folder build_bundle reads per tower)."""
-    if job.calib is not None:
-        return job.calib
-    files = checkpoint_calibration(source)
-    if len(files) <= 1:
-        return next(iter(files.values()), None)
-    calib = folder / "calib"
-    wanted = {f"{tower}_calib.npz": file for tower, file in files.items()}
-    current = calib.is_dir() and sorted(p.name for p in calib.iterdir()) == sorted(wanted) and all(
-        content_hash(calib / name) == content_hash(file) for name, file in wanted.items()
-    )
-    if not current:
-        with atomic_dir(calib, force=True) as tmp:
-            for name, file in wanted.items():
-                shutil.copyfile(file, tmp / name)
-    return calib
-
-
 # --- stages -----------------------------------------------------------------------------------------------------
 def _export(job: ModelJob, loaded, folder: Path, force: bool, say: Say) -> tuple[str, dict[str, str]]:
     import onnx
     import torch
 
-    from graphs.export import export_model
+    from toolkit.commands.export import export_model
 
     settings = job.export
     export_dir = folder / "export"
@@ -144,7 +111,7 @@ def _export(job: ModelJob, loaded, folder: Path, force: bool, say: Say) -> tuple
     return _timed(say, f"{job.name} export", stage, force, work)
 
 
-def _build(job: ModelJob, target: Target, export_dir: Path, export_hashes: dict, calib: Path | None,
+def _build(job: ModelJob, target: Target, export_dir: Path, export_hashes: dict, calib: Path | dict | None,
            folder: Path, force: bool, say: Say) -> tuple[str, dict[str, str]]:
     from toolkit.backends.bundle import installed_versions
     from toolkit.backends.ort.loader import OrtOptions
@@ -154,7 +121,7 @@ def _build(job: ModelJob, target: Target, export_dir: Path, export_hashes: dict,
     options = {k: v for k, v in dataclasses.asdict(target).items() if k not in ("name", "gates", "calib")}
     stage = Stage(f"{job.name}/{target.name}/build", folder / "build.stamp.json", {
         "export": export_hashes, "options": options,
-        "calib": content_hash(calib) if calib is not None else None,  # content, not path: an out folder may move
+        "calib": source_hash(calib),  # content, not path: an out folder may move
         "versions": installed_versions(target.backend),
     }, {"bundle": bundle})
 
@@ -170,7 +137,8 @@ def _build(job: ModelJob, target: Target, export_dir: Path, export_hashes: dict,
 
 def _verify(job: ModelJob, target: Target, source: str, source_hash: str, data: Path, build_hashes: dict,
             folder: Path, force: bool, say: Say) -> tuple[str, dict[str, Any]]:
-    from toolkit.evaluate.verify import VerifyOptions, verify
+    from toolkit.commands.verify import verify
+    from toolkit.evaluate.verify import VerifyOptions
     from toolkit.report import verify as reports
 
     settings = job.verify
@@ -221,14 +189,13 @@ def _run_model(job: ModelJob, out: Path, force: bool, quiet: bool, say: Say, whe
     data = job.verify.data or loaded.eval_data
     if data is None:
         raise DcncError(f"{where}: model {job.name}: {source} names no evaluation data; set verify.data")
-    default_calib = None
-    if any(t.precision != "fp32" and t.calib is None for t in job.targets):
-        default_calib = _model_calibration(job, source, folder)
+    default_calib = job.calib or loaded.calibration or None  # the model's calib, else the checkpoint's files
     calibs = {t.name: t.calib or (default_calib if t.precision != "fp32" else None) for t in job.targets}
     for target in job.targets:
-        if target.precision == "int8" and calibs[target.name] is None:
-            raise DcncError(f"{where}: model {job.name}, target {target.name}: int8 needs calibration data and"
-                            f" {source} names none; set calib")
+        try:
+            target.lowering().check(calibs[target.name])
+        except DcncError as err:
+            raise DcncError(f"{where}: model {job.name}, target {target.name}: {err}") from None
     model_entry: dict[str, Any] = {"name": job.name, "source": source, "stages": {"train": trained}}
     try:
         outcome, export_hashes = _export(job, loaded, folder, force, say)
@@ -291,7 +258,7 @@ def run_pipeline(pipeline: Pipeline, out: str | Path, force: bool = False, quiet
         "html_report": _write_html(reports, out / HTML_REPORT, f"dcnc run: {pipeline.label}"),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_json(out / SUMMARY, summary)
     return summary
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from toolkit.core.errors import DcncError
 from toolkit.core.fileio import atomic_path
-from toolkit.example.data import Interactions
+from toolkit.example.data.interactions import Interactions
 
 POSITIVE_RATING = 4.0  # ranking label: rating >= 4 is a positive
 

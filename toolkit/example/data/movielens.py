@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.core.errors import DcncError
-from toolkit.example.data import Interactions
+from toolkit.example.data.interactions import Interactions
 
 GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from toolkit.core.errors import DcncError
-from toolkit.example.data import Interactions
+from toolkit.example.data.interactions import Interactions
 
 AGE_BUCKETS = 7  # as MovieLens: <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+
 OCCUPATIONS = 21

@@ -5,15 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from toolkit.backends.latency import (
-    CudaEventTimer,
-    compare_latency,
-    ratio_noise,
-    summarize,
-    time_interleaved,
-    timer_for,
-)
+from toolkit.backends.timing import CudaEventTimer, time_interleaved, timer_for
 from toolkit.core.errors import DcncError
+from toolkit.evaluate.latency import compare_latency, ratio_noise, summarize
 
 
 class ScriptedTimer:

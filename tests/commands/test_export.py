@@ -14,19 +14,14 @@ import torch
 import zoo
 
 from graphs import export as export_module
-from graphs.export import export_model, export_tower, supported_opsets, tower_to_onnx
+from graphs.export import export_tower, supported_opsets, tower_to_onnx
 from graphs.passes.manager import DEFAULT_PASSES, GPU_PASSES
 from toolkit import __version__
+from toolkit.commands.export import export_model
 from toolkit.core.errors import DcncError
 from toolkit.core.signature import TensorSpec, random_inputs
-from toolkit.evaluate.validate import (
-    DEFAULT_ATOL_SCALE,
-    ParityFailed,
-    Tolerance,
-    compare_outputs,
-    read_real_rows,
-    validate_tower,
-)
+from toolkit.evaluate.parity import DEFAULT_ATOL_SCALE, Tolerance, compare_outputs
+from toolkit.evaluate.validate import ParityFailed, read_real_rows, validate_tower
 from toolkit.model.checkpoint import save_checkpoint
 from toolkit.model.loading import LoadedModel, LoadedTower, load_model
 

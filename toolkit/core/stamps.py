@@ -17,7 +17,7 @@ from typing import Any
 
 from toolkit import __version__
 from toolkit.core.errors import DcncError
-from toolkit.core.fileio import atomic_write_text, sha256_tree
+from toolkit.core.fileio import sha256_tree, write_json
 
 SCHEMA = "dcnc.stamp/1"
 
@@ -69,5 +69,5 @@ class Stage:
         outputs = {name: content_hash(path) for name, path in self.outputs.items()}
         stamp = {"schema": SCHEMA, "stage": self.label, "key": self.key, "dcnc": __version__,
                  "inputs": self.inputs, "outputs": outputs, "seconds": round(seconds, 3)}
-        atomic_write_text(self.stamp, json.dumps(stamp, indent=2, sort_keys=True, default=str) + "\n")
+        write_json(self.stamp, stamp, sort_keys=True)
         return outputs

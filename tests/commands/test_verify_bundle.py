@@ -1,0 +1,172 @@
+"""dcnc verify end to end: a checkpoint, its ONNX export, an fp32 ORT bundle, evaluation data, exit codes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+from verify_cases import CLI_FAST
+
+from cli import app
+from toolkit.commands.build import build_bundle
+from toolkit.commands.verify import verify
+from toolkit.core.errors import DcncError
+from toolkit.evaluate.verify import VerifyOptions
+from toolkit.model.checkpoint import save_checkpoint
+
+FAST = VerifyOptions(ks=(1, 5), batch_sizes=(1, 16), warmup=1, iterations=3)
+
+
+def test_faithful_fp32_bundle_passes(verify_case):
+    report = verify(verify_case / "model.pt", verify_case / "bundle", verify_case / "eval.npz", options=FAST, branches=False)
+    assert report.passed, [(g.name, g.value) for g in report.failed_gates]
+    assert report.retrieval["agreement"]["5"] == 1.0
+    assert report.parity["item/embedding"]["max_abs"] < 1e-5
+    assert report.precision == "fp32" and sorted(report.latency["towers"]) == ["item", "query"]
+
+
+def test_fp16_bundle_is_judged_under_half_emulation_and_timed_as_built(verify_case, tmp_path):
+    build_bundle(verify_case / "onnx_fp32", tmp_path / "fp16", precision="fp16", batch=(1, 16, 256))
+    report = verify(verify_case / "model.pt", tmp_path / "fp16", verify_case / "eval.npz", options=FAST, branches=False)
+    assert report.precision == "fp16" and "half emulation" in report.emulation
+    assert report.passed, [(g.name, g.value) for g in report.failed_gates]
+    # half rounding shows in the answers (an FP32 computation would match torch to ~1e-7)
+    assert 1e-5 < report.parity["query/embedding"]["max_abs"] < 1e-2
+    assert report.latency["towers"]["query"]
+
+
+def test_progress_bar_over_item_chunks_leaves_the_result_unchanged(verify_case):
+    chunked = dataclasses.replace(FAST, latency=False, progress=True, item_chunk=64)
+    report = verify(verify_case / "model.pt", verify_case / "bundle", verify_case / "eval.npz", options=chunked, branches=False)
+    assert report.retrieval["agreement"]["5"] == 1.0 and report.passed
+
+
+def test_recall_ratio_resolution_is_one_hit_at_one_query(verify_case):
+    report = verify(verify_case / "model.pt", verify_case / "bundle", verify_case / "eval.npz",
+                    options=dataclasses.replace(FAST, latency=False), branches=False)  # fmt: skip
+    judged = len(np.unique(np.load(verify_case / "eval.npz")["relevance"][:, 0]))
+    for k, recall in report.retrieval["recall"]["reference"].items():
+        expected = 1 / (judged * recall) if recall > 0 else 1.0  # no hits: the ratio cannot resolve anything
+        assert report.retrieval["recall_ratio_resolution"][k] == pytest.approx(expected)
+
+
+def test_bundle_with_perturbed_weights_fails(verify_case):
+    report = verify(verify_case / "model.pt", verify_case / "broken", verify_case / "eval.npz", options=FAST, branches=False)
+    failed = {g.name for g in report.failed_gates}
+    assert "parity.query/embedding.cosine_min" in failed and "retrieval.agreement@5" in failed
+
+
+def test_branch_timing_of_parallel_towers_is_reported(verify_case):
+    report = verify(verify_case / "model.pt", verify_case / "bundle", verify_case / "eval.npz",
+                    options=VerifyOptions(ks=(1,), batch_sizes=(16,), warmup=1, iterations=2))
+    timing = report.latency["branches"]["query"]
+    assert timing["t_cross_ms"] > 0 and timing["t_deep_ms"] > 0 and timing["ratio"] > 0
+
+
+def test_evaluation_data_defaults_to_the_split_the_checkpoint_names(verify_case, tmp_path):
+    import shutil
+
+    from toolkit.model.checkpoint import load_checkpoint
+
+    model, spec, _ = load_checkpoint(verify_case / "model.pt")
+    save_checkpoint(model, spec, tmp_path / "named.pt", extra={"eval_data": "eval.npz"})
+    shutil.copy(verify_case / "eval.npz", tmp_path / "eval.npz")
+    report = verify(tmp_path / "named.pt", verify_case / "bundle", options=VerifyOptions(ks=(1,), latency=False))
+    assert report.passed and report.data == str(tmp_path / "eval.npz")
+
+
+def test_without_data_or_a_named_split_verify_asks_for_data(verify_case):
+    with pytest.raises(DcncError, match="pass --data"):
+        verify(verify_case / "model.pt", verify_case / "bundle", options=FAST)
+
+
+def test_a_cpu_bundle_is_not_verified_on_cuda(verify_case):
+    with pytest.raises(DcncError, match="built for cpu .* --device cpu"):
+        verify(verify_case / "model.pt", verify_case / "bundle", verify_case / "eval.npz", device="cuda", options=FAST)
+
+
+
+
+def test_cli_exit_0_writes_report_junit_and_markdown(verify_case, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["verify", str(verify_case / "model.pt"), str(verify_case / "bundle"), "--data",
+                                      str(verify_case / "eval.npz"), "--report", str(out / "r.json"), "--junit",
+                                      str(out / "j.xml"), "--markdown", str(out / "m.md"), *CLI_FAST])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "r.json").read_text())
+    assert report["schema"] == "dcnc.verify/1" and report["passed"] is True
+    assert (out / "m.md").read_text().startswith("# dcnc verify: PASSED")
+    assert "<testsuites" in (out / "j.xml").read_text()
+
+
+def test_cli_exit_1_when_a_gate_fails_and_still_writes_the_report(verify_case, tmp_path):
+    result = CliRunner().invoke(app, ["verify", str(verify_case / "model.pt"), str(verify_case / "broken"), "--data",
+                                      str(verify_case / "eval.npz"), "--report", str(tmp_path / "r.json"), *CLI_FAST])
+    assert result.exit_code == 1, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+
+
+def test_cli_exit_1_on_a_baseline_regression(verify_case, tmp_path):
+    baseline = tmp_path / "old.json"
+    CliRunner().invoke(app, ["verify", str(verify_case / "model.pt"), str(verify_case / "bundle"), "--data", str(verify_case / "eval.npz"),
+                             "--report", str(baseline), *CLI_FAST])
+    old = json.loads(baseline.read_text())
+    for batches in old["latency"]["towers"].values():
+        for entry in batches.values():
+            entry["candidate"]["p50_ms"] /= 20  # pretend the candidate used to be 20x faster
+    baseline.write_text(json.dumps(old))
+    result = CliRunner().invoke(app, ["verify", str(verify_case / "model.pt"), str(verify_case / "bundle"), "--data",
+                                      str(verify_case / "eval.npz"), "--baseline", str(baseline), *CLI_FAST])
+    assert result.exit_code == 1 and "regression" in result.output
+
+
+@pytest.mark.parametrize("problem", ["missing", "nan"])
+def test_cli_exit_2_on_bad_data_writes_nothing(verify_case, tmp_path, problem):
+    data = tmp_path / "eval.npz"
+    if problem == "nan":
+        arrays = dict(np.load(verify_case / "eval.npz"))
+        arrays["item/item_profile"][3, 1] = np.nan
+        np.savez(data, **arrays)
+    result = CliRunner().invoke(app, ["verify", str(verify_case / "model.pt"), str(verify_case / "bundle"), "--data", str(data),
+                                      "--report", str(tmp_path / "r.json"), *CLI_FAST])
+    assert result.exit_code == 2
+    assert ("no such file" if problem == "missing" else "'item_profile' holds 1 NaN/Inf") in result.output
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_exit_2_on_bad_k(verify_case):
+    result = CliRunner().invoke(app, ["verify", str(verify_case / "model.pt"), str(verify_case / "bundle"), "--k", "0,x"])
+    assert result.exit_code == 2 and "--k" in result.output
+
+
+def test_factory_reference_is_loaded_with_its_inputs_and_weights(tmp_path, monkeypatch):
+    package = tmp_path / "verifyfactory"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copyfile(Path(__file__).parents[1] / "usercode.py", package / "towers.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(4)
+    torch.save(nn.Linear(4, 1).state_dict(), tmp_path / "state.pt")
+    torch.save({f"linear.{k}": v for k, v in torch.load(tmp_path / "state.pt").items()}, tmp_path / "state.pt")
+    factory, inputs = "verifyfactory.towers:make_logit", ["--input", "dense:float32:B,4"]
+    exported = CliRunner().invoke(app, ["export", factory, *inputs, "--weights", str(tmp_path / "state.pt"),
+                                        "-o", str(tmp_path / "logit.onnx")])  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    build_bundle(tmp_path / "logit.onnx", tmp_path / "bundle", batch=(1, 16, 256))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "eval.npz", dense=rng.standard_normal((200, 4)).astype(np.float32),
+             label=rng.integers(0, 2, 200))  # fmt: skip
+    args = ["verify", factory, str(tmp_path / "bundle"), "--data", str(tmp_path / "eval.npz"), *inputs, *CLI_FAST]
+
+    with_weights = CliRunner().invoke(app, [*args, "--weights", str(tmp_path / "state.pt")])
+    without_weights = CliRunner().invoke(app, args)  # the factory's own initialisation: another model
+
+    assert with_weights.exit_code == 0, with_weights.output
+    assert without_weights.exit_code == 1 and "parity" in without_weights.output

@@ -1,0 +1,129 @@
+"""`dcnc verify`: load the PyTorch original and a built bundle, run both on the same evaluation data through
+toolkit.evaluate.verify, and add the branch timings of parallel towers. FP16/BF16 bundles answer on CPU through
+the half emulation (DESIGN.md decision 1) and are timed as built."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from toolkit.backends.bundle import check_bundle, tower_runner
+from toolkit.backends.torch_runner import TorchRunner
+from toolkit.core.errors import DcncError
+from toolkit.core.onnxio import load_onnx
+from toolkit.evaluate.evaldata import load_eval
+from toolkit.evaluate.gates import load_baseline, resolve_thresholds
+from toolkit.evaluate.result import Report
+from toolkit.evaluate.verify import Runner, VerifyOptions, verify_runners
+from toolkit.model.loading import load_model
+
+
+class SignedTower(nn.Module):
+    """A loaded tower as TorchRunner takes it: the user's module with the signature loading found for it
+    (a factory's module need not carry `input_specs` itself)."""
+
+    def __init__(self, tower: Any) -> None:
+        super().__init__()
+        self.inner = tower.module
+        self.input_specs = tower.input_specs
+        self.output_names = list(tower.output_names)
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.inner(*inputs)
+
+
+def _branch_timing(bundle: Path, manifest: Any, batch: int) -> dict[str, Any]:
+    """t_cross, t_deep, t_parallel per tower from the bundle's ONNX branch subgraphs, or why they were skipped."""
+    from toolkit.evaluate.branch_timing import time_branches
+
+    result = {}
+    for tower, entry in manifest.towers.items():
+        try:
+            result[tower] = time_branches(load_onnx(bundle / entry.onnx), batch=batch)
+        except DcncError as err:  # not a parallel tower: nothing to time
+            result[tower] = {"skipped": str(err)}
+    return result
+
+
+def _emulated_runners(bundle: Path, manifest: Any) -> dict[str, Runner] | None:
+    """For half-precision graphs run by ONNX Runtime's CPU provider, which casts around its missing FP16 kernels
+    and so computes in FP32 (DESIGN.md decision 1): runners over the same graphs under half emulation, so parity
+    and recall are those of a GPU. None for other bundles."""
+    from graphs.emulation import emulated_half_session
+    from toolkit.backends.ort.runner import OrtRunner
+
+    if manifest.precision not in ("fp16", "bf16") or manifest.backend not in ("ort", "ort-cuda"):
+        return None
+    return {
+        tower: OrtRunner(
+            emulated_half_session(load_onnx(bundle / entry.onnx), manifest.precision),
+            name=f"emulated-{manifest.precision}:{tower}", batch_range=manifest.batch_range(),
+        )
+        for tower, entry in manifest.towers.items()
+    }
+
+
+def verify(
+    reference: str | Path,
+    bundle: str | Path,
+    data: str | Path | None = None,
+    device: str = "cpu",
+    options: VerifyOptions | None = None,
+    gates_file: str | Path | None = None,
+    overrides: dict[str, float | None] | None = None,
+    baseline: str | Path | None = None,
+    branches: bool = True,
+    inputs: list[str] | None = None,
+    weights: str | Path | None = None,
+) -> Report:
+    """Verify the bundle at `bundle` against the model `reference` (anything `dcnc export` loads; a factory with
+    its `inputs` NAME:DTYPE:SHAPE strings and `weights` state_dict, as `dcnc export` takes them).
+
+    data: evaluation .npz (toolkit.evaluate.evaldata formats); default: the evaluation split the reference names, if any.
+    device: "cpu" or "cuda" (both sides run and are timed there). gates_file / overrides: thresholds on top of
+    the defaults for the bundle's precision. baseline: an earlier report (JSON) to compare latency against.
+    branches: also time the cross and deep branch subgraphs of parallel towers (CPU only).
+    """
+
+    options = options or VerifyOptions()
+    if device not in ("cpu", "cuda"):
+        raise DcncError(f"--device must be cpu or cuda, got {device!r}")
+    baseline_report = load_baseline(baseline) if baseline is not None else None
+    manifest = check_bundle(bundle)
+    built_for = manifest.device.get("kind", "cpu")
+    if built_for != device:
+        raise DcncError(f"{bundle}: built for {built_for} ({manifest.backend} backend); verify it with --device {built_for}")
+    thresholds = resolve_thresholds(manifest.precision, gates_file, overrides)
+    loaded = load_model(str(reference), inputs, str(weights) if weights is not None else None)
+    if data is None:
+        data = getattr(loaded, "eval_data", None)
+        if data is None:
+            raise DcncError(f"{reference}: names no evaluation data; pass --data EVAL.npz")
+    towers = loaded.towers
+    if len(towers) == 1 and len(manifest.towers) == 1:  # one tower each: the file's stem named the bundle's
+        towers = {next(iter(manifest.towers)): next(iter(towers.values()))}
+    evaluation = load_eval(
+        data, {t: tw.input_specs for t, tw in towers.items()}, {t: list(tw.output_names) for t, tw in towers.items()}
+    )
+    reference_runners = {t: TorchRunner(SignedTower(tw), device, name=f"torch:{t}") for t, tw in towers.items()}
+    bundle_runners = {t: tower_runner(bundle, manifest, t) for t in manifest.towers}
+    emulated = _emulated_runners(Path(bundle), manifest) if device == "cpu" else None
+    names = {"reference": str(reference), "candidate": str(bundle), "precision": manifest.precision, "data": str(data)}
+    if emulated:
+        names["emulation"] = (
+            f"{manifest.precision} answers computed under half emulation on CPU (every half tensor rounded as a GPU"
+            " rounds it); latency measured on the bundle as built"
+        )
+    with contextlib.ExitStack() as stack:
+        for runner in [*reference_runners.values(), *bundle_runners.values(), *(emulated or {}).values()]:
+            stack.enter_context(runner)
+        report = verify_runners(
+            reference_runners, emulated or bundle_runners, {t: list(tw.output_names) for t, tw in towers.items()},
+            evaluation, thresholds, options, device, baseline_report, names=names, timed=bundle_runners,
+        )
+    if report.latency is not None and branches and device == "cpu":
+        report.latency["branches"] = _branch_timing(Path(bundle), manifest, max(options.batch_sizes))
+    return report

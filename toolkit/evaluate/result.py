@@ -1,0 +1,58 @@
+"""What `dcnc verify` decided: each gate (a measured value against its threshold) and the report that holds every
+section (parity, retrieval or ranking, latency) with the machine it ran on; toolkit.report renders it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA = "dcnc.verify/1"
+
+
+@dataclass
+class Gate:
+    """One checked condition: `value` compared with `threshold` by `op` (">=" or "<=")."""
+
+    name: str
+    value: float
+    threshold: float
+    op: str
+
+    @property
+    def passed(self) -> bool:
+        if math.isnan(self.value):
+            return False
+        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "threshold": self.threshold, "op": self.op,
+                "passed": self.passed}
+
+
+@dataclass
+class Report:
+    """Everything verify measured and decided. `passed` is true when every gate passed."""
+
+    reference: str
+    candidate: str
+    precision: str
+    device: str
+    gates: list[Gate]
+    parity: dict[str, dict[str, Any]]
+    retrieval: dict[str, Any] | None = None
+    ranking: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    data: str = ""
+    emulation: str | None = None  # how the candidate's answers were computed, when not by the bundle itself
+    seconds: float = 0.0
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def failed_gates(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
