@@ -151,24 +151,26 @@ def float_cross_nodes(model, op_types) -> list[str]:
     return [node.name for node in model.graph.node if node.name in chosen]
 
 
-def float_readers_read_float(model, float_nodes) -> None:
-    """In place: a float node reading the dequantized copy of a tensor that a float node produced (or a graph
-    input, or a lookup) reads the tensor itself, so only the quantized readers see its 8-bit rounding (one Q/DQ
-    pair per quantized consumer; the skip path and the product stay exact). A tensor produced by a quantized
+def float_readers_read_float(model, quantized_nodes) -> None:
+    """In place: a node left in float that reads the dequantized copy of a tensor made by a float op (or a graph
+    input, or a lookup) reads the tensor itself, so only the quantized readers see its 8-bit rounding: one Q/DQ
+    pair per quantized consumer, and the cross layer's product x0 * (W x + b) and residual add read exact x0 and
+    x_l (quantize_static rewires every reader of a quantized tensor to its DQ). A tensor made by a quantized
     node keeps its DQ: at run time its float value does not exist (the QGemm writes uint8)."""
-    float_nodes = set(float_nodes)
+    quantized_nodes = set(quantized_nodes)
     producer = {out: node for node in model.graph.node for out in node.output}
+    float_readers = [n for n in model.graph.node
+                     if n.name not in quantized_nodes and n.op_type not in ("QuantizeLinear", "DequantizeLinear")]  # fmt: skip
     for dequantize in model.graph.node:
         quantize = producer.get(dequantize.input[0]) if dequantize.op_type == "DequantizeLinear" else None
         if quantize is None or quantize.op_type != "QuantizeLinear":
             continue
         source = quantize.input[0]
         made_by = producer.get(source)
-        if made_by is not None and made_by.name not in float_nodes and made_by.op_type not in EMBEDDING_OPS:
+        if made_by is not None and made_by.name in quantized_nodes and made_by.op_type not in EMBEDDING_OPS:
             continue
-        for reader in model.graph.node:
-            if reader.name in float_nodes:
-                reader.input[:] = [source if name == dequantize.output[0] else name for name in reader.input]
+        for reader in float_readers:
+            reader.input[:] = [source if name == dequantize.output[0] else name for name in reader.input]
     _drop_unread_qdq(model)
 
 
@@ -231,7 +233,8 @@ def quantize_with_ranges(
     if cross_path not in CROSS_PATHS:
         raise DcncError(f"cross path must be one of {list(CROSS_PATHS)}, got {cross_path!r}")
     in_float = float_cross_nodes(model, config.op_types) if cross_path == "float" else []
-    skip_path = unclipped_tensors(model) if cross_path == "integer" else set()
+    # the skip path is quantized only where the cross layers run on uint8; elsewhere it reads float (below)
+    skip_path = unclipped_tensors(model) if cross_path == "integer" and "Add" in config.op_types else set()
     data = {}
     for name, calibrated in ranges.calibrated.items():
         low, high = ranges.minmax[name] if name in skip_path else calibrated
@@ -271,12 +274,12 @@ def quantize_with_ranges(
         except (ValueError, KeyError, RuntimeError) as err:
             raise DcncError(f"int8: onnxruntime could not quantize the graph ({err})") from None
         quantized = onnx.load(out)
-    if in_float:
-        float_readers_read_float(quantized, [*keep_fp32, *in_float])
+    kept = set(keep_fp32) | set(in_float)
+    quantized_nodes = [n for n in candidates if n not in kept]
+    float_readers_read_float(quantized, quantized_nodes)
     if config.quantize_outputs:
         float_exit_gemms(quantized)
-    kept = set(keep_fp32) | set(in_float)
-    return quantized, [n for n in candidates if n not in kept]
+    return quantized, quantized_nodes
 
 
 def float_exit_gemms(model) -> list[str]:

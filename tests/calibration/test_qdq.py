@@ -108,14 +108,18 @@ def test_float_exit_gemms_keeps_the_graph_outputs_of_a_ranker(tmp_path):
     assert "DequantizeLinear" not in optimized_op_types(quantized, tmp_path)
 
 
-def test_cpu_target_uses_uint8_activations_and_int8_weights(calibration):
-    quantized, _ = quantize_int8(tower_graph(), calibration, target="cpu")
+@pytest.mark.parametrize(("isa", "largest"), [("avx2", 64), ("avx512", 64), ("avx-vnni", 127), ("avx512-vnni", 127), ("amx", 127)])
+def test_cpu_target_uses_uint8_activations_and_weights_of_the_isas_width(calibration, isa, largest):
+    # 7-bit weights where vpmaddubsw's int16 pair sums could saturate, all 8 bits where VNNI / AMX sum in int32
+    quantized, record = quantize_int8(tower_graph(), calibration, target="cpu", isa=isa)
     initializers = _initializers(quantized)
     quantize_points = {initializers[n.input[2]].dtype for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
     assert quantize_points == {np.dtype(np.uint8)}
     weights = [initializers[n.input[0]] for n in quantized.graph.node
                if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")]  # fmt: skip
-    assert weights and all(w.dtype == np.int8 and np.abs(w).max() <= 64 for w in weights)  # 7-bit: no vpmaddubsw overflow
+    assert weights and all(w.dtype == np.int8 for w in weights)
+    assert max(int(np.abs(w).max()) for w in weights) == largest
+    assert record.isa == isa and record.config["reduce_range"] == (largest == 64)
 
 
 def test_tensorrt_target_is_symmetric_int8_with_per_channel_weights(calibration):

@@ -43,7 +43,9 @@ def test_int8_cpu_bundle_is_built_per_tower_from_a_calibration_folder(tmp_path):
         int8 = onnx.load(tmp_path / "bundle" / f"{name}.onnx")
         assert any(node.op_type == "QuantizeLinear" for node in int8.graph.node)
         record = json.loads(next(p.value for p in int8.metadata_props if p.key == "dcnc.lowering"))
-        assert record["target"] == "cpu" and record["calibration_samples"] == 128
+        # half the rows calibrate, the other half (distinct rows) judge the search
+        assert record["target"] == "cpu" and record["calibration_samples"] == 64
+        assert 2 <= record["search"]["held_out_rows"] <= 64
         feeds = random_feeds(graph, 32, seed=7)
         got = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
         want = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]

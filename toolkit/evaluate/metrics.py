@@ -128,18 +128,21 @@ def agreement_at_k(ids_a: np.ndarray, ids_b: np.ndarray, ks: Iterable[int]) -> d
 def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray, ks: Iterable[int]) -> dict[int, float]:
     """agreement@K of each row's nearest neighbours among the other rows (inner product), reference embeddings
     against candidate ones: how far a tower's own neighbourhoods survive a lowering, judged without labels or a
-    partner tower. reference / candidate: float [N, D], the same N rows. K above N - 1 is clipped to N - 1."""
+    partner tower. reference / candidate: float [N, D], the same N rows. A K above N - 1 is judged on all N - 1
+    others (and reported under the K asked for)."""
     if reference.shape != candidate.shape or reference.ndim != 2 or len(reference) < 2:
         raise DcncError(f"neighbour agreement: needs two [N >= 2, D] embeddings of one shape, got "
                         f"{list(reference.shape)} and {list(candidate.shape)}")  # fmt: skip
-    ks = sorted({min(k, len(reference) - 1) for k in ks})
+    clipped = {k: min(k, len(reference) - 1) for k in ks}
+    ks = sorted(set(clipped.values()))
     tops = []
     for side in (reference, candidate):
         side = side.astype(np.float64)
         scores = side @ side.T
         np.fill_diagonal(scores, -np.inf)  # a row is not its own neighbour
         tops.append(np.argsort(-scores, axis=1, kind="stable")[:, : ks[-1]])
-    return agreement_at_k(tops[0], tops[1], ks)
+    values = agreement_at_k(tops[0], tops[1], ks)
+    return {k: values[c] for k, c in clipped.items()}
 
 
 def pair_order_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
