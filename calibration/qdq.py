@@ -136,10 +136,10 @@ def unclipped_tensors(model) -> set[str]:
 
 
 def float_cross_nodes(model, op_types) -> list[str]:
-    """The nodes the float cross path leaves in float: the cross layers' products and residual Adds, and each
-    Concat of `op_types` whose output one of them reads (x0: the Gemms reading it get their own Q/DQ pair)."""
-    products, residuals = cross_nodes(model)
-    chosen = {node.name for node in products + residuals}
+    """The nodes the float cross path leaves in float: every elementwise Mul and Add (the cross layers'
+    products and residual adds, diag_scale terms, mixture gates, DCNv1 biases), and each Concat of `op_types`
+    whose output one of them reads (x0: the Gemms reading it get their own Q/DQ pair)."""
+    chosen = {node.name for node in model.graph.node if node.op_type in ("Mul", "Add")}
     readers: dict[str, list[str]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -290,10 +290,18 @@ def float_exit_gemms(model) -> list[str]:
     ONNX Runtime then runs a QGemm that rounds to uint8 and a DequantizeLinear right after, once per float
     reader. Dropping that Q -> DQ pair lets it fuse a QGemm that writes float directly: one pass over the
     output fewer and no 8-bit rounding of the tower's output. A pair stays where any reader of the DQ is itself
-    quantized (its outputs feed a QuantizeLinear). Returns the names of the Gemms changed.
+    quantized (its outputs feed a QuantizeLinear), and after a MatMul whose weight is not 2-D (a mixture's
+    batched experts): ORT would fuse it into a MatMulIntegerToFloat, which refuses per-channel batched weights.
+    Returns the names of the Gemms changed.
     """
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
+    shapes = {init.name: len(init.dims) for init in graph.initializer}
+
+    def matrix_weight(gemm) -> bool:
+        weight = producer.get(gemm.input[1])
+        source = weight.input[0] if weight is not None and weight.op_type == "DequantizeLinear" else gemm.input[1]
+        return gemm.op_type == "Gemm" or shapes.get(source) == 2
     readers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -307,6 +315,8 @@ def float_exit_gemms(model) -> list[str]:
     for quantize in graph.node:
         gemm = producer.get(quantize.input[0]) if quantize.op_type == "QuantizeLinear" else None
         if gemm is None or gemm.op_type not in WEIGHT_OPS or len(readers[quantize.input[0]]) != 1:
+            continue
+        if not matrix_weight(gemm):
             continue
         dequantizes = readers.get(quantize.output[0], [])
         if not dequantizes or any(d.op_type != "DequantizeLinear" for d in dequantizes):

@@ -10,7 +10,8 @@ Search: the recipes of the ladder (calibration.int8.LADDER: uint8 cross layers, 
 nothing kept FP32, fastest first; if none meets the target, layers of the last (most accurate) recipe are kept
 FP32 in order of leave-one-out recovery (calibration.sensitivity.keep_in_order) until it is met, at most all
 layers but one. The first point that meets the target is chosen; every point is timed against FP32 (interleaved)
-so the record shows the trade-off; when no point meets the target the search refuses, naming the best point.
+so the record shows the trade-off; when no point meets the target the best one is returned, unmet (`dcnc
+build` refuses it, naming it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import numpy as np
 from calibration.int8 import LADDER, Int8Lowerer, Int8Recipe
 from calibration.qdq import quantizable_nodes
 from calibration.sensitivity import group_units, keep_in_order
-from toolkit.core.errors import DcncError
 
 HELD_OUT_FRACTION = 0.5  # agreement@100 needs many more than 100 held-out rows: half of 2048 calibration rows
 TIMING_ITERATIONS = 20
@@ -61,6 +61,14 @@ class PrecisionSearch:
     def best(self) -> PrecisionPoint:
         return max(self.points, key=lambda p: p.agreement[self.metric])
 
+    def shortfall(self) -> str:
+        """Why the search found no point: the best one, for a refusal."""
+        best = self.best()
+        kept = ", ".join(best.kept) or "none"
+        speed = f", {best.speedup:.2f}x FP32" if best.speedup else ""
+        return (f"held-out {self.metric} reaches at best {best.agreement[self.metric]:.4f} ({best.recipe}, layers kept"
+                f" FP32: {kept}{speed}; {len(self.points)} points tried), short of the target {self.target:g}")  # fmt: skip
+
     def to_dict(self) -> dict:
         chosen = asdict(self.points[self.chosen]) if self.chosen is not None else None
         return asdict(self) | {"chosen": chosen, "chosen_index": self.chosen}
@@ -82,8 +90,8 @@ def search_precision(
 
     held_out: feeds of the held-out rows. keep_fp32: nodes kept FP32 whatever the search finds. timing_batch:
     rows per timed call (held-out rows repeated), None to skip timing. Returns (INT8 graph, quantized nodes,
-    recipe, nodes kept FP32, bias record, PrecisionSearch). Raises DcncError naming the best point when no
-    point meets the target.
+    recipe, nodes kept FP32, bias record, PrecisionSearch) of the chosen point, or of the best one when no
+    point meets the target (search.met False: `dcnc build` refuses it, with search.shortfall()).
     """
     from toolkit.backends.ort.loader import ort_session
 
@@ -123,16 +131,8 @@ def search_precision(
     if timing_batch:
         for point, speedup in zip(search.points, _speedups(lowerer.model, [g[2][0] for g in graphs], held_out, timing_batch)):
             point.speedup = speedup
-    if not search.met:
-        best = search.best()
-        kept = ", ".join(best.kept) or "none"
-        speed = f", {best.speedup:.2f}x FP32" if best.speedup else ""
-        raise DcncError(
-            f"held-out {key} reaches at best {best.agreement[key]:.4f} ({best.recipe}, layers kept FP32: {kept}{speed};"
-            f" {len(search.points)} points tried), short of the target {target:g}; lower --min-agreement"
-            " (0 builds plain INT8) or build fp16 / fp32"
-        )
-    recipe, nodes, (quantized, quantized_nodes, bias) = graphs[search.chosen]
+    best = search.chosen if search.met else search.points.index(search.best())
+    recipe, nodes, (quantized, quantized_nodes, bias) = graphs[best]
     return quantized, quantized_nodes, recipe, nodes, bias, search
 
 

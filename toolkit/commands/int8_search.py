@@ -51,13 +51,13 @@ def searched_int8(
     metric, key = held_out_metric(list(graph_outputs(model)[0].shape))
     share = embedding_towers if embedding_tower(model) else 1
     target = 1.0 - (1.0 - min_agreement) / share
-    try:
-        quantized, nodes, recipe, kept, bias, search = search_precision(
-            lowerer, held_out, metric, key, target, list(keep_fp32), timing_batch=timing_batch, say=say
-        )
-    except DcncError as err:
+    quantized, nodes, recipe, kept, bias, search = search_precision(
+        lowerer, held_out, metric, key, target, list(keep_fp32), timing_batch=timing_batch, say=say
+    )
+    if not search.met:
         split = f" (--min-agreement {min_agreement:g} split over {share} embedding towers)" if share > 1 else ""
-        raise DcncError(f"int8 tower {tower}: {err}{split}") from None
+        raise DcncError(f"int8 tower {tower}: {search.shortfall()}{split}; lower --min-agreement (0 builds plain"
+                        " INT8) or build fp16 / fp32")  # fmt: skip
     record = lowerer.record(recipe, nodes, kept, bias, search.to_dict() | {"min_agreement": min_agreement,
                                                                          "embedding_towers": share})  # fmt: skip
     set_metadata(quantized, METADATA_KEY, record.to_dict())

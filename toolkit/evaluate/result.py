@@ -48,6 +48,7 @@ class Report:
     emulation: str | None = None  # how the candidate's answers were computed, when not by the bundle itself
     seconds: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. an INT8 bundle running on a CPU it was not built for
 
     @property
     def passed(self) -> bool:
