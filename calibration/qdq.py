@@ -6,16 +6,20 @@ Q/DQ insertion is onnxruntime.quantization's quantize_static; what dcnc decides 
   cache, so quantize_static never runs its own calibration;
 - the target's number formats (TARGETS): for `cpu`, uint8 activations and int8 weights (U8S8), so ORT fuses
   every DQ -> Gemm -> Q into an integer QGemm (signed int8 activations leave most Gemms dequantized to
-  float), with 7-bit weights because the AVX2 u8*s8 kernel (vpmaddubsw) saturates int16 pair sums
-  otherwise; for `tensorrt`, symmetric int8 activations, per-channel symmetric weights and float biases;
-- which ops carry Q/DQ (see `TargetConfig.op_types`) and which tensors may be clipped: the skip path of a
-  residual Add and the cross layer's product x0 * (W x + b) always keep their full minmax range, because a
-  clipped skip connection clips every layer after it, while entropy or percentile clipping applies elsewhere;
+  float), with 7 or 8-bit weights as the ISA level allows (`reduce_range`, calibration.isa); for
+  `tensorrt`, symmetric int8 activations, per-channel symmetric weights and float biases;
+- which ops carry Q/DQ (see `TargetConfig.op_types`) and the cross layers' path (`cross_path`): "integer" runs
+  their product x0 * (W x + b) and residual add on uint8 (QLinearMul / QLinearAdd), with the skip path's
+  tensors kept at their full minmax range (a clipped skip connection clips every layer after it); "float"
+  leaves every Mul / Add in float, so only the Gemms read quantized copies of their inputs;
+- that a node left in float reads the exact tensor, not its dequantized copy (`float_readers_read_float`:
+  quantize_static rewires every reader of a quantized tensor, so the TensorRT target's product and residual
+  would otherwise read int8-rounded x0);
 - where the integer chain ends (`float_exit_gemms`): a Gemm whose output only float ops read (the head before
   the L2 norm, a ranker's logit) writes float, not uint8 then dequantized.
 
-Speed on the x86 CPUs this was measured on (AVX2 without VNNI) is bounded by the Gemms' share of the time and
-the U8S8 / FP32 MatMul throughput ratio (about 2x here): docs/int8.md has the counting.
+Speed is bounded by the Gemms' share of the time and the U8S8 / FP32 MatMul throughput ratio of the CPU's
+ISA level: docs/int8.md has the counting.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ neighbours among the others; a scoring tower: the share of score pairs in the sa
 Search: the recipes of the ladder (calibration.int8.LADDER: uint8 cross layers, then float ones) are tried with
 nothing kept FP32, fastest first; if none meets the target, layers of the last (most accurate) recipe are kept
 FP32 in order of leave-one-out recovery (calibration.sensitivity.keep_in_order) until it is met, at most all
-layers but one. The first point that meets the target is chosen; every point is timed against FP32 (interleaved)
+layers (units holding a Gemm / MatMul) but one. The first point that meets the target is chosen; every point is timed against FP32 (interleaved)
 so the record shows the trade-off; when no point meets the target the best one is returned, unmet (`dcnc
 build` refuses it, naming it).
 """
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from calibration.int8 import LADDER, Int8Lowerer, Int8Recipe
-from calibration.qdq import quantizable_nodes
+from calibration.qdq import WEIGHT_OPS, quantizable_nodes
 from calibration.sensitivity import group_units, keep_in_order
 
 HELD_OUT_FRACTION = 0.5  # agreement@100 needs many more than 100 held-out rows: half of 2048 calibration rows
@@ -101,7 +101,9 @@ def search_precision(
     search = PrecisionSearch(key, target, rows, timing_batch)
     forced = set(keep_fp32)
     candidates = [n for n in quantizable_nodes(lowerer.model, lowerer.target, lowerer.quantize_embeddings) if n not in forced]
-    units = group_units(lowerer.model, candidates, granularity)
+    weighted = {node.name for node in lowerer.model.graph.node if node.op_type in WEIGHT_OPS}
+    # a unit is a layer with a Gemm / MatMul: keeping a lone Concat or shape op FP32 buys nothing
+    units = {u: nodes for u, nodes in group_units(lowerer.model, candidates, granularity).items() if weighted & set(nodes)}
     tried: dict[tuple, tuple] = {}  # (recipe, kept units) -> (point, recipe, nodes, lowered)
 
     def measure(recipe: Int8Recipe, kept: list[str]) -> float:

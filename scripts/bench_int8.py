@@ -66,6 +66,7 @@ def _recipe(path: str = "integer", smooth: bool = False, bias: bool = False) -> 
 
 
 VNNI = "avx512-vnni"
+DEFAULTS = {"default": None, "default avx2": "avx2"}  # `dcnc build`'s lowering: this CPU's level, and --int8-isa avx2
 VARIANTS = [
     Variant("base"),
     Variant("R", VNNI),
@@ -192,9 +193,9 @@ def lower(subject: Subject, variant: Variant, target: float) -> tuple[dict, dict
     embedding = sum(len(graph_outputs(tw.model)[0].shape) == 2 and graph_outputs(tw.model)[0].shape[1] != 1
                     for tw in subject.towers.values())  # fmt: skip
     for name, tw in subject.towers.items():
-        if variant.name == "default":  # exactly what `dcnc build --precision int8` does (this CPU's ISA level)
-            graphs[name], record = searched_int8(tw.model, tw.rows, name, min_agreement=target,
-                                                 embedding_towers=embedding, timing_batch=256)  # fmt: skip
+        if variant.name.startswith("default"):  # exactly what `dcnc build --precision int8 [--int8-isa]` does
+            graphs[name], record = searched_int8(tw.model, tw.rows, name, isa=DEFAULTS[variant.name],
+                                                 min_agreement=target, embedding_towers=embedding, timing_batch=256)  # fmt: skip
             curves[name] = record.search
             continue
         lowerer = Int8Lowerer(tw.model, tw.fit, "cpu", variant.method, isa=variant.isa)
@@ -253,6 +254,18 @@ def speed(subject: Subject, models: dict[str, dict], iterations: dict[int, int])
     return result
 
 
+def clipping(tower: Tower) -> dict[str, list[dict]]:
+    """Per calibration method: each Gemm input's chosen range, observed min/max and share of values clipped (the
+    unsmoothed graph, as `--calib-method` calibrates it)."""
+    from calibration.int8 import gemm_input_ranges
+
+    result = {}
+    for method in ("minmax", "entropy", "percentile"):
+        graph, ranges, _, _ = Int8Lowerer(tower.model, tower.fit, "cpu", method, isa=VNNI).prepared(False)
+        result[method] = gemm_input_ranges(graph, ranges)
+    return result
+
+
 def machine() -> str:
     from calibration.isa import detect_int8_isa
     from toolkit.core.machine import cpu_identity
@@ -264,8 +277,7 @@ def machine() -> str:
 def run_subject(subject: Subject, args) -> dict:
     print(f"== {subject.name}", flush=True)
     variants = [v for v in VARIANTS if not args.variants or v.name in args.variants]
-    if not args.variants or "default" in args.variants:
-        variants.append(Variant("default"))
+    variants += [Variant(name) for name in DEFAULTS if not args.variants or name in args.variants]
     models, searches = {}, {}
     for variant in variants:
         models[variant.name], curve = lower(subject, variant, args.target)
@@ -279,6 +291,8 @@ def run_subject(subject: Subject, args) -> dict:
         quality[variant]["eval"] = evaluate(subject, graphs, fp32)
         print(f"  {variant:18s} " + json.dumps(quality[variant], default=float), flush=True)
     result = {"quality": quality, "searches": searches}
+    if subject.name in ("example two-tower", "compute-bound tower"):
+        result["clipping"] = clipping(next(iter(subject.towers.values())))
     if subject.timed and not args.no_speed:
         load = os.getloadavg()[0]
         compute = "compute" in subject.name
