@@ -12,6 +12,7 @@ from rich.console import Console
 
 from toolkit import __version__
 from toolkit.core.errors import DcncError, GateFailed
+from toolkit.core.machine import quiet_openmp
 
 app = typer.Typer(
     name="dcnc",
@@ -135,9 +136,13 @@ def verify(
     baseline: str = typer.Option(None, "--baseline", help="An earlier JSON report: fail if latency regressed beyond this run's noise."),
     k: str = typer.Option("1,10,100", "--k", help="K values for recall@K and agreement@K."),
     batch_sizes: str = typer.Option("1,64,512", "--batch-sizes", help="Latency batch sizes (those outside the bundle's profile are skipped)."),
-    iterations: int = typer.Option(50, "--iterations", help="Timed rounds per batch size."),
+    iterations: int = typer.Option(50, "--iterations", help="Timed rounds per batch size (reference and candidate alternate call by call)."),
     warmup: int = typer.Option(10, "--warmup", help="Untimed rounds per batch size first."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure latency."),
+    latency_ci: float = typer.Option(0.10, "--latency-ci", help="Widest 95% interval of a speedup, relative to it, that is reported as a figure; wider is 'inconclusive' and fails latency gates."),
+    latency_budget: float = typer.Option(3.0, "--latency-budget", help="Seconds of extra rounds per batch size allowed to narrow a wider interval (0: none)."),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads of both sides while timing (default: the cores other work leaves free at the start)."),
+    require_quality: bool = typer.Option(False, "--require-quality", help="Refuse data without relevance pairs or labels (exit 2) instead of verifying numeric parity and latency only."),
     branches: bool = typer.Option(True, "--branches/--no-branches", help="Also time the cross and deep branch subgraphs (CPU)."),
     cosine_min: float = typer.Option(None, "--cosine-min", help="Gate: lowest per-sample cosine, at least."),
     rel_l2: float = typer.Option(None, "--rel-l2", help="Gate: relative L2 error, at most."),
@@ -151,16 +156,20 @@ def verify(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar (corpus embedding, latency sweep)."),
 ) -> None:
     """Check a bundle against its PyTorch original: parity, recall@K or AUC, and latency; exit 1 if a gate fails."""
+    quiet_openmp()  # before torch loads: OpenMP reads its wait policy once
     from toolkit.commands.verify import verify as run_verify
+    from toolkit.evaluate.latency import LatencyPolicy
     from toolkit.evaluate.verify import VerifyOptions
     from toolkit.report import verify as reports
 
     options = VerifyOptions(ks=_ints(k, "--k"), batch_sizes=_ints(batch_sizes, "--batch-sizes"),
-                            iterations=iterations, warmup=warmup, latency=latency, progress=not quiet)
+                            iterations=iterations, warmup=warmup, latency=latency, progress=not quiet,
+                            policy=LatencyPolicy(latency_ci, latency_budget), threads=threads)
     overrides = {"cosine_min": cosine_min, "rel_l2": rel_l2, "max_abs": max_abs, "recall_ratio": recall_ratio,
                  "agreement": agreement, "auc_diff": auc_diff, "logloss_diff": logloss_diff,
                  "min_speedup": min_speedup, "latency_tolerance": latency_tolerance}
-    result = run_verify(reference, bundle, data, device, options, gates, overrides, baseline, branches, inputs, weights)
+    result = run_verify(reference, bundle, data, device, options, gates, overrides, baseline, branches, inputs, weights,
+                        require_quality)
     for path, write in ((report, reports.write_json), (junit, reports.write_junit), (markdown, reports.write_markdown)):
         if path:
             write(result, path)
@@ -331,6 +340,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the summary JSON to stdout instead of the table."),
 ) -> None:
     """The whole job in one command: train-if-needed, export, build every target, verify each; one summary."""
+    quiet_openmp()  # before torch loads: OpenMP reads its wait policy once
     import json
 
     from toolkit.commands.run.pipeline import load_pipeline
@@ -413,6 +423,7 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no table."),
 ) -> None:
     """Benchmark a model's towers across runtimes over a batch sweep, interleaved: p50/p90/p99, throughput, speedup over torch eager, % of the measured MatMul peak."""
+    quiet_openmp()  # before torch loads: OpenMP reads its wait policy once
     from toolkit.commands.bench.benchmark import (
         BenchOptions,
         bench_tables,

@@ -95,7 +95,7 @@ def export_tower(
 
     metadata: extra props (see source_metadata) beside the tower's own and `dcnc.passes` (what each pass did).
     """
-    from graphs.passes.manager import METADATA_KEY as PASSES_KEY
+    from graphs.passes.manager import attach_records
 
     check_opset(opset)
     path = Path(path)
@@ -108,10 +108,11 @@ def export_tower(
         except DcncError as err:
             raise type(err)(f"tower {tower.name}: {err}") from None
         records = list(getattr(pipeline, "records", []))
-    props = {**(metadata or {}), **tower_metadata(tower), PASSES_KEY: passes_metadata(records)}
+    props = {**(metadata or {}), **tower_metadata(tower)}
     del model.metadata_props[:]  # the passes' own props (with timings) would make the bytes differ run to run
     for key in sorted(props):
         set_metadata(model, key, props[key])
+    attach_records(model, records)
     save_onnx(model, path)
     return ExportResult(
         tower.name, path, path.stat().st_size, sha256_file(path), tower.input_specs, tower.output_names, opset,
@@ -128,14 +129,6 @@ def pass_pipeline(passes: PassSelection) -> Passes | None:
 
     pipeline = PassPipeline(passes)
     return pipeline if pipeline.names else None
-
-
-def passes_metadata(records: list[PassRecord]) -> str:
-    """The `dcnc.passes` prop: per pass its name, node counts around it and what it changed. Not its time:
-    the file's bytes must not depend on how fast the machine was."""
-    return json.dumps(
-        [{k: v for k, v in record.to_dict().items() if k != "seconds"} for record in records], sort_keys=True
-    )
 
 
 def tower_to_onnx(tower: LoadedTower, opset: int = TORCHLIB_OPSET) -> onnx.ModelProto:

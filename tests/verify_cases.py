@@ -15,6 +15,7 @@ from toolkit.commands.build import build_bundle
 from toolkit.commands.export import export_model
 from toolkit.core.signature import random_inputs
 from toolkit.evaluate.evaldata import RankingEval
+from toolkit.evaluate.latency import LatencyPolicy
 from toolkit.evaluate.verify import VerifyOptions
 from toolkit.model.checkpoint import save_checkpoint
 from toolkit.model.loading import load_model
@@ -27,7 +28,9 @@ from toolkit.model.spec import (
 )
 from toolkit.model.zoo.families import build_model
 
-FAST = VerifyOptions(ks=(1, 3, 10), batch_sizes=(1, 8), eval_batch=16, item_chunk=50, warmup=1, iterations=5)
+# no extra latency rounds: these tests are not about timing, and stand-in towers time noisily
+FAST = VerifyOptions(ks=(1, 3, 10), batch_sizes=(1, 8), eval_batch=16, item_chunk=50, warmup=1, iterations=5,
+                     policy=LatencyPolicy(budget_s=0))
 
 
 class EmbeddingTower:
@@ -62,7 +65,8 @@ def ranking_case(rows: int = 400):
 
 
 
-CLI_FAST = ["--k", "1,5", "--batch-sizes", "1,16", "--iterations", "3", "--warmup", "1", "--no-branches"]
+CLI_FAST = ["--k", "1,5", "--batch-sizes", "1,16", "--iterations", "3", "--warmup", "1", "--no-branches",
+            "--latency-budget", "0"]
 
 
 def tower_spec(prefix: str) -> TowerSpec:

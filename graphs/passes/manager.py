@@ -3,7 +3,6 @@ concurrency invariant after each one, and keeps a record of what every pass chan
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,8 @@ from graphs.passes.canonicalize import canonicalize
 from graphs.passes.cleanup import cleanup
 from graphs.passes.fold import fold_constants
 from graphs.passes.fusion import fuse_entry_gemms
-from toolkit.core.errors import DcncError, first_line
+from toolkit.core.errors import DcncError
+from toolkit.core.onnxio import first_line, set_metadata
 
 Pass = Callable[[onnx.ModelProto], tuple[onnx.ModelProto, list[str]]]
 
@@ -107,14 +107,7 @@ class PassPipeline:
         return model
 
 
-def records_json(records: list[PassRecord]) -> str:
-    return json.dumps([r.to_dict() for r in records])
-
-
 def attach_records(model: onnx.ModelProto, records: list[PassRecord]) -> onnx.ModelProto:
-    """Store the records as JSON in the model's metadata (`dcnc.passes`), replacing an earlier record."""
-    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in kept}, METADATA_KEY: records_json(records)})
-    return model
+    """Store what each pass did in the model's metadata (`dcnc.passes`): per pass its name, node counts around it
+    and what it changed. Not its time: the file's bytes must not depend on how fast the machine was."""
+    return set_metadata(model, METADATA_KEY, [{k: v for k, v in r.to_dict().items() if k != "seconds"} for r in records])

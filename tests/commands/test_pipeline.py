@@ -327,7 +327,7 @@ def test_the_table_shows_a_target_whose_export_failed_and_numbers_json_could_not
     console = Console(record=True, width=200)
     print_summary(summary, console)
     text = console.export_text()
-    assert "n/ax" in text and "not built" in text and "FAILED 1 of 2 target(s)" in text
+    assert "n/a" in text and "not built" in text and "FAILED 1 of 2 target(s)" in text
 
 
 def test_run_help_describes_the_pipeline_and_exit_codes():

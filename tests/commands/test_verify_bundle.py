@@ -18,10 +18,11 @@ from cli import app
 from toolkit.commands.build import build_bundle
 from toolkit.commands.verify import verify
 from toolkit.core.errors import DcncError
+from toolkit.evaluate.latency import LatencyPolicy
 from toolkit.evaluate.verify import VerifyOptions
 from toolkit.model.checkpoint import save_checkpoint
 
-FAST = VerifyOptions(ks=(1, 5), batch_sizes=(1, 16), warmup=1, iterations=3)
+FAST = VerifyOptions(ks=(1, 5), batch_sizes=(1, 16), warmup=1, iterations=3, policy=LatencyPolicy(budget_s=0))
 
 
 def test_faithful_fp32_bundle_passes(verify_case):
@@ -170,6 +171,32 @@ def test_factory_reference_is_loaded_with_its_inputs_and_weights(tmp_path, monke
 
     assert with_weights.exit_code == 0, with_weights.output
     assert without_weights.exit_code == 1 and "parity" in without_weights.output
+
+
+def test_a_factory_model_verifies_on_its_inputs_alone_numeric_parity_and_latency(tmp_path, monkeypatch):
+    package = tmp_path / "numericfactory"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copyfile(Path(__file__).parents[1] / "usercode.py", package / "towers.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save({f"linear.{k}": v for k, v in nn.Linear(4, 1).state_dict().items()}, tmp_path / "state.pt")
+    factory = "numericfactory.towers:make_logit"
+    inputs = ["--input", "dense:float32:B,4", "--weights", str(tmp_path / "state.pt")]
+    assert CliRunner().invoke(app, ["export", factory, *inputs, "-o", str(tmp_path / "logit.onnx")]).exit_code == 0
+    build_bundle(tmp_path / "logit.onnx", tmp_path / "bundle", batch=(1, 16, 256))
+    np.savez(tmp_path / "inputs.npz", dense=np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32))
+    args = ["verify", factory, str(tmp_path / "bundle"), "--data", str(tmp_path / "inputs.npz"), *inputs, *CLI_FAST,
+            "--report", str(tmp_path / "report.json")]  # fmt: skip
+
+    result = CliRunner().invoke(app, args)
+    required = CliRunner().invoke(app, [*args, "--require-quality"])
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert result.exit_code == 0, result.output
+    assert report["passed"] and "ranking" not in report and "retrieval" not in report
+    assert "no 'label'" in report["quality_absent"] and report["latency"]["towers"]["logit"]
+    assert any(g["name"].startswith("parity.logit/") for g in report["gates"])
+    assert required.exit_code == 2 and "--require-quality" in required.output
 
 
 def test_int8_bundle_built_for_another_cpu_level_is_verified_with_a_warning_and_its_trade_off(verify_case, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from toolkit.core.errors import DcncError
 from toolkit.evaluate.gates import (
+    MAX_LATENCY_TOLERANCE,
     Gate,
     Thresholds,
     baseline_gates,
@@ -141,6 +142,29 @@ def test_baseline_difference_within_noise_passes():
     now = report_with(latency_entry(10.0, 2.06, noise=0.05))["latency"]  # 3 % slower, noise 5 %
     (gate,) = baseline_gates(now, baseline, floor=0.02)
     assert gate.passed
+
+
+def test_a_20_percent_regression_fails_on_a_quiet_run():
+    baseline = report_with(latency_entry(10.0, 2.0))
+    now = report_with(latency_entry(10.0, 2.5, noise=0.04))["latency"]  # speedup 5x -> 4x
+    (gate,) = baseline_gates(now, baseline, floor=0.02)
+    assert gate.value == pytest.approx(0.25) and not gate.passed and gate.reason is None
+
+
+def test_a_noisy_run_never_tolerates_more_than_25_percent_and_says_it_cannot_judge():
+    baseline = report_with(latency_entry(10.0, 2.0))
+    now = report_with(latency_entry(10.0, 2.1, noise=0.89))["latency"]  # the noise once measured under load
+    (gate,) = baseline_gates(now, baseline, floor=0.02)
+    assert gate.threshold == MAX_LATENCY_TOLERANCE == 0.25
+    assert not gate.passed and gate.reason.startswith("inconclusive")
+
+
+def test_an_inconclusive_latency_fails_its_speedup_gate_with_the_load_named():
+    entry = {**latency_entry(10.0, 2.0, noise=0.6), "verdict": "inconclusive"}
+    latency = {"towers": {"ranker": {"64": entry}}, "load": {"busy": 1.4, "cores": 2}}
+    (gate,) = evaluate_gates(Thresholds(min_speedup=1.0), {}, latency=latency)
+    assert not gate.passed and gate.value == 5.0
+    assert gate.reason == "inconclusive: the speedup's 95% interval is ±60% with 1.4 of 2 cores busy"
 
 
 def test_baseline_comparison_cancels_a_machine_wide_slowdown():

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+
 import numpy as np
 import pytest
 
 from toolkit.backends.timing import CudaEventTimer, time_interleaved, timer_for
 from toolkit.core.errors import DcncError
-from toolkit.evaluate.latency import compare_latency, ratio_noise, summarize
+from toolkit.evaluate.latency import (
+    LatencyPolicy,
+    compare_latency,
+    paired_speedup,
+    summarize,
+    time_pair,
+)
 
 
 class ScriptedTimer:
     """Runs the call and returns the next duration from a per-call script, so statistics are known exactly."""
 
-    def __init__(self, durations: dict[str, list[float]]):
+    def __init__(self, durations: dict[str, Iterable[float]]):
         self.durations = {name: iter(values) for name, values in durations.items()}
 
     def __call__(self, call) -> float:
@@ -36,18 +45,44 @@ def test_summary_percentiles_and_throughput_by_hand():
     assert stats["throughput"] == pytest.approx(64 / 0.0505)  # batch over the mean time
 
 
-def test_speedup_is_reference_p50_over_candidate_p50():
-    timer = ScriptedTimer({"ref": [4.0] * 12, "cand": [1.0] * 12})
-    result = compare_latency({8: lambda: "ref"}, {8: lambda: "cand"}, warmup=0, iterations=12, timer=timer)
-    assert result["8"]["speedup"] == pytest.approx(4.0)
-    assert result["8"]["candidate"]["throughput"] == pytest.approx(8000.0)
-    assert result["8"]["noise"] == 0.0  # a steady machine: every block has the same ratio
+def test_speedup_is_the_median_of_paired_ratios_which_stalled_rounds_do_not_move():
+    # three rounds where another process stalled the candidate 100x: a p50 ratio over blocks would move
+    reference = [4.0] * 20
+    candidate = [1.0] * 17 + [100.0] * 3
+    result = compare_latency({8: lambda: "ref"}, {8: lambda: "cand"}, warmup=0, iterations=20,
+                             timer=ScriptedTimer({"ref": reference, "cand": candidate}))
+    entry = result["8"]
+    assert entry["speedup"] == pytest.approx(4.0) and entry["verdict"] == "conclusive"
+    assert entry["candidate"]["throughput"] == pytest.approx(8 / (np.mean(candidate) / 1e3))
+    assert entry["candidate"]["min_ms"] == 1.0 and entry["rounds"] == 20
 
 
-def test_noise_is_the_range_of_block_ratios():
-    reference = np.array([2.0] * 4 + [2.0] * 4)
-    candidate = np.array([1.0] * 4 + [1.2] * 4)  # ratio 0.5 in block 1, 0.6 in block 2; overall median 1.1/2
-    assert ratio_noise(reference, candidate, blocks=2) == pytest.approx((0.6 - 0.5) / 0.55)
+def test_a_steady_machine_gives_a_zero_width_interval():
+    estimate = paired_speedup(np.full(20, 2.0), np.full(20, 1.0))
+    assert estimate["speedup"] == 2.0 and estimate["ci"] == [2.0, 2.0] and estimate["noise"] == 0.0
+
+
+def test_the_interval_is_a_bootstrap_of_the_median_ratio():
+    rng = np.random.default_rng(0)
+    ratios = rng.lognormal(np.log(2.0), 0.1, 400)
+    estimate = paired_speedup(ratios, np.ones(400))
+    low, high = estimate["ci"]
+    assert low < np.median(ratios) < high and (high - low) / 2 / np.median(ratios) == pytest.approx(estimate["noise"])
+    assert 0.005 < estimate["noise"] < 0.03  # about 1.96 x 1.25 x 0.1 / sqrt(400) = 1.5 %
+
+
+def test_a_noisy_pair_gets_more_rounds_until_its_interval_is_narrow_enough():
+    # the first 10 rounds alternate ratios 1 and 4; every later round is a steady 2
+    ref = itertools.chain([1.0, 4.0] * 5, itertools.repeat(2.0))
+    timer = ScriptedTimer({"ref": ref, "cand": itertools.repeat(1.0)})
+    *_, estimate = time_pair(lambda: "ref", lambda: "cand", 0, 10, timer, LatencyPolicy(tolerance=0.1, budget_s=60))
+    assert estimate["rounds"] > 10 and estimate["verdict"] == "conclusive" and estimate["speedup"] == 2.0
+
+
+def test_a_pair_too_noisy_for_the_budget_is_inconclusive():
+    timer = ScriptedTimer({"ref": itertools.cycle([1.0, 4.0]), "cand": itertools.repeat(1.0)})
+    *_, estimate = time_pair(lambda: "ref", lambda: "cand", 0, 10, timer, LatencyPolicy(tolerance=0.1, budget_s=0))
+    assert estimate["rounds"] == 10 and estimate["verdict"] == "inconclusive" and estimate["noise"] > 0.1
 
 
 def test_timing_needs_at_least_one_iteration():

@@ -7,7 +7,7 @@ import pytest
 
 from toolkit.core.errors import DcncError
 from toolkit.core.signature import TensorSpec
-from toolkit.evaluate.evaldata import RankingEval, RetrievalEval, load_eval
+from toolkit.evaluate.evaldata import NumericEval, RankingEval, RetrievalEval, load_eval
 
 QUERY = [TensorSpec("user_id", "int64", ("B",), high=50), TensorSpec("profile", "float32", ("B", 3))]
 ITEM = [TensorSpec("item_id", "int64", ("B",), high=100)]
@@ -60,7 +60,7 @@ def test_named_labels_go_to_their_output(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda a: a.pop("relevance"), "missing key 'relevance'"),
+        (lambda a: a.pop("relevance"), "--require-quality: the data has no 'relevance' pairs"),
         (lambda a: a.update(relevance=np.array([[0, 20]])), r"names item row 20, outside \[0, 20\)"),
         (lambda a: a.update(relevance=np.array([[-1, 0]])), "names query row -1"),
         (lambda a: a.update(relevance=np.array([0, 1])), r"expected \[P, 2\]"),
@@ -78,13 +78,13 @@ def test_bad_retrieval_data_is_refused_naming_the_key(tmp_path, change, message)
     arrays = retrieval_arrays()
     change(arrays)
     with pytest.raises(DcncError, match=message):
-        load_eval(save(tmp_path, arrays), RETRIEVAL_SPECS, RETRIEVAL_OUTPUTS)
+        load_eval(save(tmp_path, arrays), RETRIEVAL_SPECS, RETRIEVAL_OUTPUTS, require_quality=True)
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda a: a.pop("label"), "missing key 'label'"),
+        (lambda a: a.pop("label"), "--require-quality: the data has no 'label'"),
         (lambda a: a.update(label=np.array([0, 1, 2, 0, 1, 0], np.float32)), "must be 0 or 1"),
         (lambda a: a.update(label=np.ones(6, np.float32)), "AUC needs both classes"),
         (lambda a: a.update(label=np.array([0, 1], np.float32)), r"expected \[6\]"),
@@ -98,7 +98,28 @@ def test_bad_ranking_data_is_refused_naming_the_key(tmp_path, change, message):
     arrays = ranking_arrays()
     change(arrays)
     with pytest.raises(DcncError, match=message):
-        load_eval(save(tmp_path, arrays), RANKING_SPECS, RANKING_OUTPUTS)
+        load_eval(save(tmp_path, arrays), RANKING_SPECS, RANKING_OUTPUTS, require_quality=True)
+
+
+def test_tower_inputs_alone_give_numeric_only_data_saying_why(tmp_path):
+    arrays = retrieval_arrays()
+    arrays.pop("relevance")
+    data = load_eval(save(tmp_path, arrays), RETRIEVAL_SPECS, RETRIEVAL_OUTPUTS)
+    assert isinstance(data, NumericEval) and sorted(data.feeds) == ["item", "query"]
+    assert "no 'relevance' pairs" in data.why and len(data.feeds["item"]["item_id"]) == 20
+    ranking = ranking_arrays()
+    ranking.pop("label")
+    data = load_eval(save(tmp_path, ranking), RANKING_SPECS, RANKING_OUTPUTS)
+    assert isinstance(data, NumericEval) and list(data.feeds["ranker"]) == ["x"] and "no 'label'" in data.why
+
+
+def test_towers_without_a_quality_metric_take_inputs_per_tower(tmp_path):
+    specs = {"a": [TensorSpec("x", "float32", ("B", 2))], "b": [TensorSpec("y", "int64", ("B",), high=4)]}
+    arrays = {"a/x": np.ones((3, 2), np.float32), "b/y": np.arange(5, dtype=np.int64) % 4}
+    data = load_eval(save(tmp_path, arrays), specs, {"a": ["o"], "b": ["o"]})
+    assert isinstance(data, NumericEval) and len(data.feeds["b"]["y"]) == 5
+    with pytest.raises(DcncError, match="unexpected key 'z'"):
+        load_eval(save(tmp_path, {**arrays, "z": np.zeros(2)}), specs, {"a": ["o"], "b": ["o"]})
 
 
 def test_missing_eval_file_is_refused(tmp_path):

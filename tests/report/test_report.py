@@ -47,7 +47,7 @@ def test_json_report_has_the_schema_fields_and_null_for_non_finite_numbers():
     body = to_json(make_report())
     assert body["schema"] == "dcnc.verify/1" and body["passed"] is True
     assert body["gates"][0] == {"name": "parity.query/embedding.cosine_min", "value": 0.9999, "threshold": 0.999,
-                                "op": ">=", "passed": True}
+                                "op": ">=", "passed": True, "reason": None}
     assert body["parity"]["query/embedding"]["cosine_min"] is None  # NaN: JSON has none
     assert body["latency"]["towers"]["query"]["64"]["speedup"] is None
     assert body["retrieval"]["recall"]["candidate"]["10"] == 0.5 and "ranking" not in body

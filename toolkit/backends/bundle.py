@@ -224,8 +224,9 @@ def check_bundle(bundle: str | Path) -> Manifest:
 
 
 # --- opening ------------------------------------------------------------------------------------------------
-def tower_runner(bundle: str | Path, manifest: Manifest, tower: str):
-    """The runner for one tower of a checked bundle, configured from the manifest alone."""
+def tower_runner(bundle: str | Path, manifest: Manifest, tower: str, threads: int | None = None, spinning: bool = True):
+    """The runner for one tower of a checked bundle, configured from the manifest, except (ONNX Runtime) for
+    `threads` when given and `spinning` (False for runners timed in turn with others)."""
     bundle = Path(bundle)
     if tower not in manifest.towers:
         raise DcncError(f"{bundle}: no tower {tower!r} (it has {sorted(manifest.towers)})")
@@ -235,9 +236,10 @@ def tower_runner(bundle: str | Path, manifest: Manifest, tower: str):
         from toolkit.backends.ort.loader import OrtOptions, SessionFromOnnx
         from toolkit.backends.ort.runner import OrtRunner
 
-        graph = entry.optimized_onnx or entry.onnx
+        settings = {**manifest.options["ort"], **({"threads": threads} if threads else {})}
         loader = SessionFromOnnx(
-            bundle / graph, manifest.backend, OrtOptions(**manifest.options["ort"]), preoptimized=bool(entry.optimized_onnx)
+            bundle / (entry.optimized_onnx or entry.onnx), manifest.backend, OrtOptions(**settings),
+            preoptimized=bool(entry.optimized_onnx), spinning=spinning,
         )
         return OrtRunner(loader, name=name, batch_range=manifest.batch_range())
     from toolkit.backends.tensorrt.config import TrtOptions

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,17 @@ class TorchRunner(Runner):
         return OrderedDict(
             (name, out.detach().cpu().numpy()) for name, out in zip(self.module.output_names, outputs, strict=True)
         )
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def torch_runners(checkpoint: str | Path, device: str = "cpu") -> dict[str, TorchRunner]:

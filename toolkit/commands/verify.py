@@ -11,8 +11,9 @@ from typing import Any
 from torch import nn
 
 from toolkit.backends.bundle import check_bundle, tower_runner
-from toolkit.backends.torch_runner import TorchRunner
+from toolkit.backends.torch_runner import TorchRunner, torch_threads
 from toolkit.core.errors import DcncError
+from toolkit.core.machine import machine_load
 from toolkit.core.onnxio import load_onnx
 from toolkit.evaluate.evaldata import load_eval
 from toolkit.evaluate.gates import load_baseline, resolve_thresholds
@@ -78,6 +79,7 @@ def verify(
     branches: bool = True,
     inputs: list[str] | None = None,
     weights: str | Path | None = None,
+    require_quality: bool = False,
 ) -> Report:
     """Verify the bundle at `bundle` against the model `reference` (anything `dcnc export` loads; a factory with
     its `inputs` NAME:DTYPE:SHAPE strings and `weights` state_dict, as `dcnc export` takes them).
@@ -85,7 +87,11 @@ def verify(
     data: evaluation .npz (toolkit.evaluate.evaldata formats); default: the evaluation split the reference names, if any.
     device: "cpu" or "cuda" (both sides run and are timed there). gates_file / overrides: thresholds on top of
     the defaults for the bundle's precision. baseline: an earlier report (JSON) to compare latency against.
-    branches: also time the cross and deep branch subgraphs of parallel towers (CPU only).
+    branches: also time the cross and deep branch subgraphs of parallel towers (CPU only). require_quality:
+    refuse data without relevance pairs or labels (numeric-only verify) as bad input.
+
+    Timing: both sides get the intra-op threads other work leaves free at the start (options.threads to fix
+    them), and the bundle's ONNX Runtime sessions do not spin, so neither steals the cores the other is timed on.
     """
 
     options = options or VerifyOptions()
@@ -106,10 +112,12 @@ def verify(
     if len(towers) == 1 and len(manifest.towers) == 1:  # one tower each: the file's stem named the bundle's
         towers = {next(iter(manifest.towers)): next(iter(towers.values()))}
     evaluation = load_eval(
-        data, {t: tw.input_specs for t, tw in towers.items()}, {t: list(tw.output_names) for t, tw in towers.items()}
+        data, {t: tw.input_specs for t, tw in towers.items()}, {t: list(tw.output_names) for t, tw in towers.items()},
+        require_quality,
     )
+    load = machine_load(options.threads)
     reference_runners = {t: TorchRunner(SignedTower(tw), device, name=f"torch:{t}") for t, tw in towers.items()}
-    bundle_runners = {t: tower_runner(bundle, manifest, t) for t in manifest.towers}
+    bundle_runners = {t: tower_runner(bundle, manifest, t, load.threads, spinning=False) for t in manifest.towers}
     emulated = _emulated_runners(Path(bundle), manifest) if device == "cpu" else None
     names = {"reference": str(reference), "candidate": str(bundle), "precision": manifest.precision, "data": str(data)}
     if emulated:
@@ -118,11 +126,12 @@ def verify(
             " rounds it); latency measured on the bundle as built"
         )
     with contextlib.ExitStack() as stack:
+        stack.enter_context(torch_threads(load.threads))
         for runner in [*reference_runners.values(), *bundle_runners.values(), *(emulated or {}).values()]:
             stack.enter_context(runner)
         report = verify_runners(
             reference_runners, emulated or bundle_runners, {t: list(tw.output_names) for t, tw in towers.items()},
-            evaluation, thresholds, options, device, baseline_report, names=names, timed=bundle_runners,
+            evaluation, thresholds, options, device, baseline_report, names=names, timed=bundle_runners, load=load,
         )
     if report.latency is not None and branches and device == "cpu":
         report.latency["branches"] = _branch_timing(Path(bundle), manifest, max(options.batch_sizes))

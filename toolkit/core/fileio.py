@@ -9,12 +9,18 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from toolkit.core.errors import DcncError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 
 def _check_parent(path: Path) -> None:
@@ -95,6 +101,28 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """The TOML table in the file at `path`, or DcncError in one line naming it as `what` ("pipeline file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise DcncError(f"{path}: no such {what}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise DcncError(f"{path}: not valid TOML ({err})") from None
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON in the file at `path`, or DcncError in one line naming it as `what` ("baseline report")."""
+    path = Path(path)
+    if not path.is_file():
+        raise DcncError(f"{path}: no such {what}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DcncError(f"{path}: not valid JSON ({err})") from None
 
 
 def write_json(path: str | Path, data: Any, sort_keys: bool = False) -> None:

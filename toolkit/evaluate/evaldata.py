@@ -9,6 +9,11 @@ Ranking (one tower):
     <input>        for each tower input
     label          0/1 labels [N] for the tower's first output (a logit)
     label/<output> 0/1 labels [N] for a named output (one per task of a multi-task tower)
+
+Numeric only (any towers): the tower inputs alone, `<input>` for a one-tower model, `<tower>/<input>` for
+several. Without relevance pairs or labels there is no quality metric to judge, so verify judges numeric
+parity, the error statistics and latency, and its report says why quality is absent (unless the caller
+requires quality: then such data is an error).
 """
 
 from __future__ import annotations
@@ -54,6 +59,14 @@ class RankingEval:
         return len(next(iter(self.feeds.values())))
 
 
+@dataclass
+class NumericEval:
+    """Tower inputs without labels or relevance pairs; `why` says what quality metric they cannot give."""
+
+    feeds: dict[str, dict[str, np.ndarray]]  # tower -> input -> rows
+    why: str
+
+
 def is_retrieval(tower_names: list[str] | set[str]) -> bool:
     return set(tower_names) == set(RETRIEVAL_TOWERS)
 
@@ -62,19 +75,50 @@ def load_eval(
     path: str | Path,
     input_specs: dict[str, list[TensorSpec]],
     output_names: dict[str, list[str]],
-) -> RetrievalEval | RankingEval:
+    require_quality: bool = False,
+) -> RetrievalEval | RankingEval | NumericEval:
     """Load and check evaluation data for a model whose towers have these inputs and outputs.
 
-    input_specs / output_names: per tower name. Towers {"query", "item"} read the retrieval format, a single
-    tower the ranking format. Any mismatch raises DcncError naming the file, the key and what is wrong.
+    input_specs / output_names: per tower name. Towers {"query", "item"} with `relevance` read the retrieval
+    format, a single tower with labels the ranking format, tower inputs alone the numeric-only format (refused
+    with `require_quality`). Any mismatch raises DcncError naming the file, the key and what is wrong.
     """
     arrays = load_npz(path)
+    where = str(path)
+    if is_retrieval(input_specs) and "relevance" in arrays:
+        return retrieval_eval(arrays, input_specs, where)
+    if len(input_specs) == 1 and any(k == "label" or k.startswith("label/") for k in arrays):
+        (tower,) = input_specs
+        return ranking_eval(arrays, input_specs[tower], output_names[tower], where)
     if is_retrieval(input_specs):
-        return retrieval_eval(arrays, input_specs, str(path))
-    if len(input_specs) != 1:
-        raise DcncError(f"{path}: verify needs towers {list(RETRIEVAL_TOWERS)} or a single tower, got {list(input_specs)}")
-    (tower,) = input_specs
-    return ranking_eval(arrays, input_specs[tower], output_names[tower], str(path))
+        why = "the data has no 'relevance' pairs (query row, item row), so recall@K and agreement@K are not measured"
+    elif len(input_specs) == 1:
+        why = "the data has no 'label', so AUC and log loss are not measured"
+    else:
+        why = f"towers {sorted(input_specs)} have no quality metric dcnc knows; numeric parity and latency only"
+    if require_quality:
+        raise DcncError(f"{where}: --require-quality: {why}")
+    return numeric_eval(arrays, input_specs, where, why)
+
+
+def numeric_eval(arrays: dict[str, np.ndarray], input_specs: dict[str, list[TensorSpec]], where: str,
+                 why: str) -> NumericEval:  # fmt: skip
+    """Split and check tower inputs: bare names for a one-tower model, `<tower>/<input>` for several."""
+    if len(input_specs) == 1:
+        (tower,) = input_specs
+        check_feeds(arrays, input_specs[tower], where)
+        return NumericEval({tower: arrays}, why)
+    feeds = {}
+    for tower, specs in input_specs.items():
+        prefix = f"{tower}/"
+        feeds[tower] = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        if not feeds[tower]:
+            raise DcncError(f"{where}: no '{prefix}<input>' keys for the {tower} tower")
+        check_feeds(feeds[tower], specs, f"{where}: {tower}")
+    unknown = sorted(k for k in arrays if k.split("/", 1)[0] not in input_specs or "/" not in k)
+    if unknown:
+        raise DcncError(f"{where}: unexpected key {unknown[0]!r} (expected <tower>/<input> for towers {sorted(input_specs)})")
+    return NumericEval(feeds, why)
 
 
 def retrieval_eval(

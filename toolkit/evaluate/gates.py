@@ -12,27 +12,28 @@ Gates file (every key optional; flags override it, it overrides the precision's 
     agreement = 0.99            # per K: shared share of the two top-K lists, at least
     auc_diff = 1e-3             # per labelled output: |candidate AUC - reference AUC|, at most
     logloss_diff = 1e-3         # per labelled output: |candidate - reference log loss|, at most
-    min_speedup = 1.0           # per tower and batch: reference p50 / candidate p50, at least (off by default)
+    min_speedup = 1.0           # per tower and batch: the paired speedup, at least (off by default)
     latency_tolerance = 0.02    # with --baseline: smallest regression ever flagged (the run's noise may be larger)
+
+Latency gates judge only conclusive figures (toolkit.evaluate.latency): a speedup whose 95% interval is wider
+than the run could narrow fails its gate with the reason, and a baseline comparison never tolerates more than
+MAX_LATENCY_TOLERANCE of regression, however noisy the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 from toolkit.core.errors import DcncError
+from toolkit.core.fileio import read_json, read_toml
+from toolkit.evaluate.latency import INCONCLUSIVE
 from toolkit.evaluate.result import SCHEMA, Gate
+
+MAX_LATENCY_TOLERANCE = 0.25  # a baseline comparison noisier than this cannot tell a regression from the load
 
 
 @dataclass
@@ -65,13 +66,7 @@ GATE_KEYS = tuple(f.name for f in dataclasses.fields(Thresholds))
 
 def load_gates_file(path: str | Path) -> tuple[str | None, dict[str, float]]:
     """The precision named in a gates file (or None) and its [gates] table, checked for known keys and numbers."""
-    path = Path(path)
-    if not path.is_file():
-        raise DcncError(f"{path}: no such gates file")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise DcncError(f"{path}: not valid TOML ({err})") from None
+    data = read_toml(path, "gates file")
     unknown = sorted(set(data) - {"precision", "gates"})
     if unknown:
         raise DcncError(f"{path}: unknown key {unknown[0]!r} (expected 'precision' and a [gates] table)")
@@ -139,19 +134,14 @@ def evaluate_gates(
     if latency is not None and t.min_speedup is not None:
         for tower, batches in latency["towers"].items():
             for batch, entry in batches.items():
-                gates.append(Gate(f"latency.{tower}.b{batch}.speedup", entry["speedup"], t.min_speedup, ">="))
+                reason = _inconclusive(entry, latency.get("load"))
+                gates.append(Gate(f"latency.{tower}.b{batch}.speedup", entry["speedup"], t.min_speedup, ">=", reason))
     return gates
 
 
 def load_baseline(path: str | Path) -> dict[str, Any]:
     """An earlier verify report (schema dcnc.verify/1) with a latency section."""
-    path = Path(path)
-    if not path.is_file():
-        raise DcncError(f"{path}: no such baseline report")
-    try:
-        report = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DcncError(f"{path}: not valid JSON ({err})") from None
+    report = read_json(path, "baseline report")
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise DcncError(f"{path}: not a verify report (expected \"schema\": \"{SCHEMA}\")")
     if not isinstance(report.get("latency"), dict) or not report["latency"].get("towers"):
@@ -159,14 +149,19 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
     return report
 
 
-def _time_ratio(entry: dict[str, Any]) -> float:
-    """Candidate time over reference time (p50): lower is better, and machine-wide slowdowns cancel."""
-    return entry["candidate"]["p50_ms"] / entry["reference"]["p50_ms"]
+def _inconclusive(entry: dict[str, Any], load: dict[str, Any] | None) -> str | None:
+    """Why a latency entry cannot be judged (its interval too wide, with the machine's load), or None."""
+    if entry.get("verdict") != INCONCLUSIVE:
+        return None
+    busy = (load or {}).get("busy")
+    at = f" with {busy:.1f} of {load['cores']} cores busy" if busy is not None else ""
+    return f"inconclusive: the speedup's 95% interval is ±{100 * entry['noise']:.0f}%{at}"
 
 
 def baseline_gates(latency: dict[str, Any], baseline: dict[str, Any], floor: float, where: str = "baseline") -> list[Gate]:
-    """One gate per tower and batch size measured in both runs: the relative growth of the candidate/reference
-    time ratio since the baseline must not exceed this run's noise (see toolkit.evaluate.latency), nor `floor`."""
+    """One gate per tower and batch size measured in both runs: the speedup's drop since the baseline (old /
+    new - 1, so machine-wide slowdowns cancel) must stay within this run's noise (toolkit.evaluate.latency), at
+    least `floor` and at most MAX_LATENCY_TOLERANCE; an inconclusive entry fails with its reason."""
     gates = []
     old_towers = baseline["latency"]["towers"]
     for tower, batches in latency["towers"].items():
@@ -175,11 +170,14 @@ def baseline_gates(latency: dict[str, Any], baseline: dict[str, Any], floor: flo
             if old is None:
                 continue
             try:
-                regression = _time_ratio(entry) / _time_ratio(old) - 1.0
-            except (KeyError, TypeError, ZeroDivisionError):
-                raise DcncError(f"{where}: latency of {tower} batch {batch} lacks reference/candidate p50_ms") from None
-            tolerance = max(entry["noise"], floor)
-            gates.append(Gate(f"latency.{tower}.b{batch}.regression", regression, tolerance, "<="))
+                regression = float(old["speedup"]) / float(entry["speedup"]) - 1.0
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                raise DcncError(f"{where}: latency of {tower} batch {batch} has no speedup to compare") from None
+            tolerance = min(max(entry["noise"], floor), MAX_LATENCY_TOLERANCE)
+            reason = _inconclusive(entry, latency.get("load"))
+            if reason is None and entry["noise"] > MAX_LATENCY_TOLERANCE:
+                reason = f"inconclusive: ±{100 * entry['noise']:.0f}% noise is wider than the {MAX_LATENCY_TOLERANCE:.0%} a baseline can judge"
+            gates.append(Gate(f"latency.{tower}.b{batch}.regression", regression, tolerance, "<=", reason))
     if not gates:
         raise DcncError(f"{where}: no tower and batch size in common with this run (compare like with like)")
     return gates

@@ -12,22 +12,24 @@ SCHEMA = "dcnc.verify/1"
 
 @dataclass
 class Gate:
-    """One checked condition: `value` compared with `threshold` by `op` (">=" or "<=")."""
+    """One checked condition: `value` compared with `threshold` by `op` (">=" or "<="). A `reason` says why the
+    value cannot be judged (an inconclusive latency): such a gate fails, whatever the value."""
 
     name: str
     value: float
     threshold: float
     op: str
+    reason: str | None = None
 
     @property
     def passed(self) -> bool:
-        if math.isnan(self.value):
+        if self.reason is not None or math.isnan(self.value):
             return False
         return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "value": self.value, "threshold": self.threshold, "op": self.op,
-                "passed": self.passed}
+                "passed": self.passed, "reason": self.reason}
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Report:
     thresholds: dict[str, Any] = field(default_factory=dict)
     data: str = ""
     emulation: str | None = None  # how the candidate's answers were computed, when not by the bundle itself
+    quality_absent: str | None = None  # why the data gave no quality metric (numeric-only verify)
     seconds: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # e.g. an INT8 bundle running on a CPU it was not built for

@@ -11,23 +11,23 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from toolkit.backends.timing import device_call, timer_for
 from toolkit.core.errors import DcncError
-from toolkit.core.machine import machine_info
+from toolkit.core.machine import MachineLoad, machine_info
 from toolkit.core.progress import StepBar
 from toolkit.evaluate import metrics
-from toolkit.evaluate.evaldata import RankingEval, RetrievalEval
+from toolkit.evaluate.evaldata import NumericEval, RankingEval, RetrievalEval
 from toolkit.evaluate.gates import (
     Thresholds,
     baseline_gates,
     evaluate_gates,
 )
-from toolkit.evaluate.latency import NOISE_METHOD, compare_latency
+from toolkit.evaluate.latency import NOISE_METHOD, LatencyPolicy, compare_latency
 from toolkit.evaluate.parity import ParityAccumulator
 from toolkit.evaluate.result import Report
 
@@ -42,8 +42,9 @@ class Runner(Protocol):
 class VerifyOptions:
     """ks: the K of recall@K / agreement@K. batch_sizes: latency batch sizes (those outside the bundle's batch
     profile are skipped). eval_batch: rows per inference call over the evaluation data. item_chunk: items per
-    top-K chunk. warmup / iterations: untimed and timed rounds per batch size. latency: measure it at all.
-    progress: show a progress bar."""
+    top-K chunk. warmup / iterations: untimed and timed rounds per batch size (more are added while the
+    speedup's interval is wider than `policy` allows). latency: measure it at all. threads: intra-op threads of
+    both sides while timing (default: the cores other work leaves free at the start). progress: a progress bar."""
 
     ks: tuple[int, ...] = (1, 10, 100)
     batch_sizes: tuple[int, ...] = (1, 64, 512)
@@ -52,6 +53,8 @@ class VerifyOptions:
     warmup: int = 10
     iterations: int = 50
     latency: bool = True
+    policy: LatencyPolicy = field(default_factory=LatencyPolicy)
+    threads: int | None = None
     progress: bool = False  # a progress bar on stderr over corpus embedding and the latency sweep
 
 
@@ -173,9 +176,10 @@ def evaluate_ranking(pair: _Pair, data: RankingEval) -> dict[str, Any]:
 
 def measure_latency(
     pairs: dict[str, _Pair], feeds: dict[str, dict[str, np.ndarray]], options: VerifyOptions, device: str,
-    bar: StepBar | None = None,
+    bar: StepBar | None = None, load: MachineLoad | None = None,
 ) -> dict[str, Any]:
-    """Interleaved reference/candidate timing per tower and batch size, on rows of the evaluation data."""
+    """Paired reference/candidate timing per tower and batch size, on rows of the evaluation data; `load` is
+    the machine's at the start (recorded, and named when a figure is inconclusive)."""
     bar = bar or StepBar(0, enabled=False)
     timer = timer_for(device)
     towers = {}
@@ -190,12 +194,15 @@ def measure_latency(
             calls["reference"][batch] = device_call(pair.reference, feed, device)
             calls["candidate"][batch] = device_call(pair.timed, feed, device)
         bar.advance(f"timing {tower} at batch {', '.join(map(str, sizes))}")
-        towers[tower] = compare_latency(calls["reference"], calls["candidate"], options.warmup, options.iterations, timer)
+        towers[tower] = compare_latency(calls["reference"], calls["candidate"], options.warmup, options.iterations,
+                                        timer, options.policy)  # fmt: skip
     return {
         "device": device,
         "timer": "cuda_events" if device == "cuda" else "wall_clock",
         "warmup": options.warmup,
         "iterations": options.iterations,
+        "policy": dataclasses.asdict(options.policy),
+        "load": load.to_dict() if load is not None else None,
         "noise_method": NOISE_METHOD,
         "towers": towers,
     }
@@ -205,19 +212,21 @@ def verify_runners(
     reference: dict[str, Runner],
     candidate: dict[str, Runner],
     output_names: dict[str, list[str]],
-    data: RetrievalEval | RankingEval,
+    data: RetrievalEval | RankingEval | NumericEval,
     thresholds: Thresholds,
     options: VerifyOptions | None = None,
     device: str = "cpu",
     baseline: dict[str, Any] | None = None,
     names: dict[str, str] | None = None,
     timed: dict[str, Runner] | None = None,
+    load: MachineLoad | None = None,
 ) -> Report:
     """Compare active runners tower by tower (reference and candidate share tower names) and gate the result.
 
     names: "reference", "candidate", "precision", "data", "emulation" shown in the report. baseline: an earlier
     report whose latency this run must not regress beyond its own noise. timed: the runners latency is
-    measured on, when `candidate` answers through an emulation of them (default: the candidates).
+    measured on, when `candidate` answers through an emulation of them (default: the candidates). load: the
+    machine's at the start, recorded with the latency.
     """
     options = options or VerifyOptions()
     names = names or {}
@@ -235,13 +244,18 @@ def verify_runners(
         if retrieving:
             retrieval = evaluate_retrieval(pairs, data, options.ks, options.item_chunk, bar)
             latency_feeds = {"query": data.queries, "item": data.items}
-        else:
+        elif isinstance(data, RankingEval):
             (pair,) = pairs.values()
             bar.advance("scoring the evaluation rows")
             ranking = evaluate_ranking(pair, data)
             latency_feeds = {pair.tower: data.feeds}
+        else:
+            bar.advance("comparing outputs")
+            for tower, pair in pairs.items():
+                pair.run(data.feeds[tower])
+            latency_feeds = data.feeds
         if options.latency:
-            latency = measure_latency(pairs, latency_feeds, options, device, bar)
+            latency = measure_latency(pairs, latency_feeds, options, device, bar, load)
     parity = {key: stats for pair in pairs.values() for key, stats in pair.parity_report().items()}
     gates = evaluate_gates(thresholds, parity, retrieval, ranking, latency)
     if baseline is not None:
@@ -261,6 +275,7 @@ def verify_runners(
         thresholds=dataclasses.asdict(thresholds),
         data=names.get("data", ""),
         emulation=names.get("emulation"),
+        quality_absent=data.why if isinstance(data, NumericEval) else None,
         seconds=time.perf_counter() - start,
         machine=machine_info(device),
     )

@@ -45,7 +45,7 @@ from toolkit.example.data.evalsplit import (
 from toolkit.example.data.interactions import Interactions
 from toolkit.model.checkpoint import read_checkpoint, save_checkpoint
 from toolkit.model.spec import ModelSpec
-from toolkit.model.zoo.families import Ranker, TwoTower, build_model
+from toolkit.model.zoo.families import TwoTower, build_model
 
 FAMILIES = ("retrieval", "ranking")
 EXAMPLES = {"retrieval": "two_tower", "ranking": "ranker"}  # family -> example spec and checkpoint name
@@ -128,6 +128,14 @@ def run_key(spec: ModelSpec, data: Interactions, seed: int, config: TrainConfig)
     return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _start(family: str, data: Interactions, spec: ModelSpec | None, config: TrainConfig | None, seed: int):
+    """What both recipes start from: the spec fitted to the data, the config, the seeded split and model."""
+    spec = fit_spec_to_data(spec or example_spec(EXAMPLES[family]), data)
+    split = split_interactions(data, EVAL_FRACTION, seed)
+    torch.manual_seed(seed)
+    return spec, config or DEFAULT_CONFIGS[family], split, build_model(spec)
+
+
 def train_two_tower(
     data: Interactions,
     out_dir: str | Path,
@@ -139,11 +147,7 @@ def train_two_tower(
 ) -> dict:
     """Train the retrieval example (or `spec`) on `data`; write two_tower.pt, its eval and calibration files.
     Returns paths, held-out recall@10 / recall@100 and the training time."""
-    spec = fit_spec_to_data(spec or example_spec("two_tower"), data)
-    config = config or DEFAULT_CONFIGS["retrieval"]
-    split = split_interactions(data, EVAL_FRACTION, seed)
-    torch.manual_seed(seed)
-    model: TwoTower = build_model(spec)
+    spec, config, split, model = _start("retrieval", data, spec, config, seed)
     query_names = [s.name for s in model.query.input_specs]
     item_names = [s.name for s in model.item.input_specs]
     users = _tensors(data.user_features, query_names)
@@ -163,9 +167,7 @@ def train_two_tower(
         duplicate = (item[:, None] == item[None, :]) & ~torch.eye(len(item), dtype=torch.bool)
         return F.cross_entropy(logits.masked_fill(duplicate, float("-inf")), torch.arange(len(item)))
 
-    started = time.perf_counter()
-    _fit(model, loss_fn, len(split.train), config, seed, "two_tower", quiet)
-    seconds = time.perf_counter() - started
+    seconds = _fit(model, loss_fn, len(split.train), config, seed, "two_tower", quiet)
 
     evaluation = retrieval_eval(data, split.held_out, query_names, item_names)
     metrics = _retrieval_metrics(model, evaluation, query_names, item_names)
@@ -188,11 +190,7 @@ def train_ranker(
 ) -> dict:
     """Train the ranking example (or `spec`) on `data` with BCE (rating >= 4 positive); write ranker.pt, its eval
     and calibration files. Returns paths, held-out AUC and log loss, and the training time."""
-    spec = fit_spec_to_data(spec or example_spec("ranker"), data)
-    config = config or DEFAULT_CONFIGS["ranking"]
-    split = split_interactions(data, EVAL_FRACTION, seed)
-    torch.manual_seed(seed)
-    model: Ranker = build_model(spec)
+    spec, config, split, model = _start("ranking", data, spec, config, seed)
     names = [s.name for s in model.input_specs]
     train = {n: torch.from_numpy(a) for n, a in event_inputs(data, split.train, names).items()}
     target = torch.from_numpy(labels(data, split.train))
@@ -201,9 +199,7 @@ def train_ranker(
         logit, _ = model(*[train[n][batch] for n in names])
         return F.binary_cross_entropy_with_logits(logit, target[batch])
 
-    started = time.perf_counter()
-    _fit(model, loss_fn, len(split.train), config, seed, "ranker", quiet)
-    seconds = time.perf_counter() - started
+    seconds = _fit(model, loss_fn, len(split.train), config, seed, "ranker", quiet)
 
     evaluation = ranking_eval(data, split.held_out, names)
     with torch.no_grad():
@@ -302,8 +298,10 @@ def _tensors(table: dict[str, np.ndarray], names: list[str]) -> dict[str, torch.
     return {n: torch.from_numpy(table[n]) for n in names}
 
 
-def _fit(model, loss_fn, rows: int, config: TrainConfig, seed: int, label: str, quiet: bool) -> None:
-    """Adam over shuffled mini-batches of `rows` training interactions, with a progress bar unless quiet."""
+def _fit(model, loss_fn, rows: int, config: TrainConfig, seed: int, label: str, quiet: bool) -> float:
+    """Adam over shuffled mini-batches of `rows` training interactions, with a progress bar unless quiet; the
+    seconds it took."""
+    started = time.perf_counter()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     steps = -(-rows // config.batch_size)
@@ -319,6 +317,7 @@ def _fit(model, loss_fn, rows: int, config: TrainConfig, seed: int, label: str, 
                 optimizer.step()
                 bar.done(loss=loss.item())
     model.eval()
+    return time.perf_counter() - started
 
 
 @torch.no_grad()

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 import tomli_w
 
 from toolkit.core.errors import DcncError
+from toolkit.core.fileio import read_toml
 from toolkit.model.zoo.cross import ACTIVATIONS, CROSS_KINDS
 
 FAMILIES = ("retrieval", "ranking", "projection")
@@ -134,14 +129,7 @@ class ModelSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelSpec:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise DcncError(f"{path}: spec file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise DcncError(f"{path}: not a valid TOML spec ({err})") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_toml(path, "spec file"), where=str(path))
 
     def validate(self, where: str = "spec") -> None:
         """Raise DcncError naming the first field that cannot describe a working model."""

@@ -17,9 +17,10 @@ from typing import Any
 
 from toolkit.core.errors import DcncError
 from toolkit.core.fileio import atomic_write_text
+from toolkit.evaluate.latency import INCONCLUSIVE
 from toolkit.evaluate.result import SCHEMA
 from toolkit.report.svgchart import PALETTE, Bar, Series, bar_chart, line_chart, usable
-from toolkit.report.verify import format_number
+from toolkit.report.verify import format_number, gate_result, speedup_text
 
 REFERENCE_COLOR, CANDIDATE_COLOR = PALETTE[0], PALETTE[1]
 HISTOGRAM_BARS = 48  # at most this many bars per error histogram: neighbouring log bins are merged
@@ -80,8 +81,6 @@ def _badge(passed: Any) -> Html:
     return Html('<span class="badge pass">PASS</span>' if passed else '<span class="badge fail">FAIL</span>')
 
 
-def _times(value: Any) -> str:
-    return f"{format_number(value, 3)}x" if usable(value) else "n/a"
 
 
 def _lowest(values: list[Any]) -> float | None:
@@ -110,13 +109,12 @@ def _quality_summary(report: dict[str, Any]) -> str:
 
 
 def _speedup_summary(report: dict[str, Any]) -> str:
-    """Reference p50 / candidate p50 at the largest batch measured, per tower."""
+    """The paired speedup at the largest batch measured, per tower (or "inconclusive")."""
     parts = []
     for tower, batches in _dict(_get(report, "latency", "towers")).items():
         sizes = sorted((int(b) for b in _dict(batches) if str(b).isdigit()), reverse=True)
         if sizes:
-            speedup = _get(batches, str(sizes[0]), "speedup")
-            parts.append(f"{tower} {_times(speedup)} @{sizes[0]}")
+            parts.append(f"{tower} {speedup_text(_dict(_get(batches, str(sizes[0]))))} @{sizes[0]}")
     return ", ".join(parts) or "-"
 
 
@@ -135,18 +133,22 @@ def _overview(reports: dict[str, dict[str, Any]]) -> str:
 
 
 def _speedup_charts(reports: dict[str, dict[str, Any]]) -> str:
-    """Speedup over the reference against batch size, one chart per tower, one line per target."""
+    """Speedup over the reference against batch size with its 95% band, one chart per tower, one line per target;
+    inconclusive figures are left out (a point nobody should believe is not drawn)."""
     towers = sorted({t for r in reports.values() for t in _dict(_get(r, "latency", "towers"))})
     charts = []
     for tower in towers:
         series = []
         for i, (name, report) in enumerate(reports.items()):
             batches = _dict(_get(report, "latency", "towers", tower))
-            points = [(int(b), _get(e, "speedup")) for b, e in batches.items() if str(b).isdigit()]
-            series.append(Series(name, points, PALETTE[i % len(PALETTE)]))
+            judged = [(int(b), _dict(e)) for b, e in batches.items()
+                      if str(b).isdigit() and _get(e, "verdict") != INCONCLUSIVE]  # fmt: skip
+            points = [(b, _get(e, "speedup")) for b, e in judged]
+            band = [(b, *e["ci"]) for b, e in judged if isinstance(e.get("ci"), list) and len(e["ci"]) == 2]
+            series.append(Series(name, points, PALETTE[i % len(PALETTE)], band))
         batches = sorted({p[0] for s in series for p in s.points})
         charts.append(line_chart(series, f"{tower}: speedup over the reference", "batch size",
-                                 "reference p50 / candidate p50", x_log=True, y_log=True, x_ticks=batches))
+                                 "median of paired ratios", x_log=True, y_log=True, x_ticks=batches))
     return f'<div class="charts">{"".join(charts)}</div>' if charts else ""
 
 
@@ -156,7 +158,7 @@ def _gates(report: dict[str, Any]) -> str:
     if not gates:
         return '<h3>Gates</h3><p class="note">No gates were evaluated.</p>'
     rows = [[str(g.get("name")), g.get("value"), f"{g.get('op', '')} {format_number(g.get('threshold'), 6)}",
-             "pass" if g.get("passed") else "FAIL"] for g in gates]
+             gate_result(bool(g.get("passed")), g.get("reason"))] for g in gates]
     failed = sum(not g.get("passed") for g in gates)
     classes = ["pass" if g.get("passed") else "fail" for g in gates]
     return (f"<h3>Gates: {len(gates) - failed} of {len(gates)} passed</h3>"
@@ -254,14 +256,12 @@ def _latency(latency: dict[str, Any]) -> str:
         charts.append(line_chart(series, f"{tower}: latency (band to p90)", "batch size", "ms per batch",
                                  x_log=True, y_log=True, x_ticks=[b for b, _ in entries]))
         for batch, e in entries:
-            noise = e.get("noise")
             rows.append([tower, batch, _get(e, "reference", "p50_ms"), _get(e, "reference", "p90_ms"),
                          _get(e, "reference", "p99_ms"), _get(e, "candidate", "p50_ms"), _get(e, "candidate", "p90_ms"),
                          _get(e, "candidate", "p99_ms"), format_number(_get(e, "candidate", "throughput"), 5),
-                         _times(e.get("speedup")),
-                         f"{100 * noise:.1f}%" if usable(noise) else "n/a"])
+                         speedup_text(e)])
     header = ["tower", "batch", "ref p50 ms", "ref p90 ms", "ref p99 ms", "cand p50 ms", "cand p90 ms", "cand p99 ms",
-              "cand samples/s", "speedup", "noise"]
+              "cand samples/s", "speedup (95%)"]
     timer = (f'<p class="note">Timer {escape(str(latency.get("timer", "?")))} on '
              f'{escape(str(latency.get("device", "?")))}, {format_number(latency.get("warmup"))} warm-up and '
              f'{format_number(latency.get("iterations"))} timed rounds per batch size, reference and candidate '
@@ -314,6 +314,8 @@ def _target(index: int, name: str, report: dict[str, Any]) -> str:
              f"<p>{facts}{took}.</p>" if facts else ""]
     if report.get("emulation"):
         parts.append(f'<p class="note">Note: {escape(str(report["emulation"]))}.</p>')
+    if report.get("quality_absent"):
+        parts.append(f'<p class="note">Quality not measured: {escape(str(report["quality_absent"]))}.</p>')
     parts += [_gates(report), _parity(report)]
     if isinstance(report.get("retrieval"), dict):
         parts.append(_retrieval(report["retrieval"]))

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from toolkit.report.verify import speedup_text
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -61,7 +63,8 @@ def _largest_batch_latency(latency: dict[str, Any] | None) -> dict[str, Any] | N
         batch = max(batches, key=int)
         entry = batches[batch]
         towers[tower] = {"batch": int(batch), "p50_ms": entry["candidate"]["p50_ms"],
-                         "reference_p50_ms": entry["reference"]["p50_ms"], "speedup": entry["speedup"]}
+                         "reference_p50_ms": entry["reference"]["p50_ms"], "speedup": entry["speedup"],
+                         "noise": entry.get("noise"), "verdict": entry.get("verdict")}
     return towers or None
 
 
@@ -111,7 +114,7 @@ def summary_table(summary: dict[str, Any]):
             name, _number(entry["parity"]["cosine_min"], 7), _number(entry["parity"]["max_abs"], 2),
             _quality_text(entry["quality"]),
             _latency_text(entry["latency"], lambda e: f"{_number(e['p50_ms'], 3, 'f')} @{e['batch']}"),
-            _latency_text(entry["latency"], lambda e: f"{_number(e['speedup'], 2, 'f')}x"),
+            _latency_text(entry["latency"], speedup_text),
             f"{verdict} {entry['gates']['passed']}/{entry['gates']['total']}", _stages_text(entry["stages"]),
             style=None if entry["passed"] else "red",
         )

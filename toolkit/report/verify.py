@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.core import fileio
+from toolkit.evaluate.latency import INCONCLUSIVE
 from toolkit.evaluate.result import SCHEMA, Report
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "device": report.device,
         "data": report.data,
         "emulation": report.emulation,
+        "quality_absent": report.quality_absent,
         "gates": [g.to_json() for g in report.gates],
         "thresholds": report.thresholds,
         "parity": report.parity,
@@ -56,9 +58,25 @@ def format_number(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def gate_result(passed: bool, reason: str | None) -> str:
+    """"pass", "FAIL", or "FAIL (reason)" when the gate's value could not be judged."""
+    return "pass" if passed else f"FAIL ({reason})" if reason else "FAIL"
+
+
+def speedup_text(entry: dict[str, Any]) -> str:
+    """A speedup as reports show it, with its 95% interval's half-width: "1.39x ±4%", or "inconclusive ±60%" when
+    that interval was too wide to stand behind a number (toolkit.evaluate.latency)."""
+    noise = entry.get("noise")
+    if entry.get("speedup") is None or noise is None:
+        return "n/a"
+    if entry.get("verdict") == INCONCLUSIVE:
+        return f"inconclusive ±{100 * noise:.0f}%"
+    return f"{entry['speedup']:.2f}x ±{100 * noise:.0f}%"
+
+
 def _gate_rows(report: Report) -> list[tuple[str, str, str, str]]:
     return [(g.name, format_number(g.value, 6), f"{g.op} {format_number(g.threshold, 6)}",
-             "pass" if g.passed else "FAIL") for g in report.gates]
+             gate_result(g.passed, g.reason)) for g in report.gates]
 
 
 def _parity_rows(report: Report) -> list[tuple[str, ...]]:
@@ -73,7 +91,7 @@ def _parity_rows(report: Report) -> list[tuple[str, ...]]:
 
 PARITY_HEADER = ("output", "max abs", "rel L2", "cosine mean", "cosine min", "p99 |err|", "NaN/Inf")
 LATENCY_HEADER = ("tower", "batch", "ref p50 ms", "ref p99 ms", "cand p50 ms", "cand p99 ms", "cand samples/s",
-                  "speedup", "noise")
+                  "speedup (95%)", "rounds")
 
 
 def _latency_rows(report: Report) -> list[tuple[str, ...]]:
@@ -82,8 +100,8 @@ def _latency_rows(report: Report) -> list[tuple[str, ...]]:
         for batch, e in batches.items():
             rows.append((tower, batch, format_number(e["reference"]["p50_ms"]), format_number(e["reference"]["p99_ms"]),
                          format_number(e["candidate"]["p50_ms"]), format_number(e["candidate"]["p99_ms"]),
-                         format_number(e["candidate"]["throughput"], 5), f"{format_number(e['speedup'], 3)}x",
-                         f"{100 * e['noise']:.1f}%"))
+                         format_number(e["candidate"]["throughput"], 5), speedup_text(e),
+                         str(e.get("rounds", e["candidate"]["iterations"]))))
     return rows
 
 
@@ -144,6 +162,7 @@ def markdown(report: Report) -> str:
         f"data `{report.data}`, {report.seconds:.1f} s on {report.machine.get('host', '?')} "
         f"({report.machine.get('processor', '?')}, {report.machine.get('cpu_count', '?')} cores).",
         *([f"> Note: {report.emulation}."] if report.emulation else []),
+        *([f"> Quality not measured: {report.quality_absent}."] if report.quality_absent else []),
         "## Gates",
         _md_table(("gate", "value", "threshold", "result"), _gate_rows(report)),
         "## Parity",
@@ -180,7 +199,8 @@ def junit_xml(report: Report) -> str:
                                                  "name": gate.name, "time": "0"})
         if not gate.passed:
             message = (f"{gate.name} = {format_number(gate.value, 8)}, "
-                       f"required {gate.op} {format_number(gate.threshold, 8)}")
+                       f"required {gate.op} {format_number(gate.threshold, 8)}"
+                       + (f" ({gate.reason})" if gate.reason else ""))
             failure = ET.SubElement(case, "failure", {"message": message, "type": "GateFailed"})
             failure.text = message
     ET.indent(suites)
@@ -204,7 +224,7 @@ def print_summary(report: Report, console: Console) -> None:
         for column in header:
             t.add_column(column, justify="left" if column in ("gate", "output", "tower", "metric") else "right")
         for row in rows:
-            t.add_row(*row, style="red" if row[-1] == "FAIL" else None)
+            t.add_row(*row, style="red" if row[-1].startswith("FAIL") else None)
         return t
 
     console.print(table("Gates", ("gate", "value", "threshold", "result"), _gate_rows(report)))
@@ -220,6 +240,8 @@ def print_summary(report: Report, console: Console) -> None:
         console.print(f"trade-off: {tradeoff(report)}", highlight=False)
     if report.emulation:
         console.print(f"[yellow]note:[/yellow] {report.emulation}", highlight=False)
+    if report.quality_absent:
+        console.print(f"[yellow]quality not measured:[/yellow] {report.quality_absent}", highlight=False)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     verdict = "[green]PASSED[/green]" if report.passed else f"[red]FAILED[/red] {len(report.failed_gates)} gate(s)"

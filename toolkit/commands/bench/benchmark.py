@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
+from toolkit.backends.bundle import tower_runner
 from toolkit.backends.timing import Timer, time_interleaved, timer_for
+from toolkit.backends.torch_runner import torch_threads
 from toolkit.commands.bench.runners import (
     DEFAULT_RUNNERS,
     RUNNER_KINDS,
@@ -28,13 +30,19 @@ from toolkit.commands.bench.runners import (
     TowerFeeds,
     Workspace,
     bundle_kind,
-    bundle_tower_runner,
     prepare,
 )
 from toolkit.commands.calibration_data import check_source
 from toolkit.core.errors import DcncError
 from toolkit.core.progress import StepBar
-from toolkit.evaluate.latency import summarize
+from toolkit.evaluate.latency import (
+    CONCLUSIVE,
+    INCONCLUSIVE,
+    LatencyPolicy,
+    paired_speedup,
+    summarize,
+)
+from toolkit.report.verify import speedup_text
 
 SCHEMA = "dcnc.bench/1"
 DEFAULT_BATCH_SIZES = (1, 64, 256, 4096)
@@ -120,8 +128,10 @@ def measure_tower(
     timer: Timer,
     advance: Callable[[str], None] = lambda description: None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per runner, per batch size (a string key): summarize()'s statistics, or {"skipped": reason} when the
-    runner refuses the batch. All runners of one batch size are timed together, interleaved."""
+    """Per runner, per batch size (a string key): summarize()'s statistics and, when the reference runner ran in
+    the same rounds, the paired speedup over it with its interval and verdict (toolkit.evaluate.latency); or
+    {"skipped": reason} when the runner refuses the batch. All runners of one batch size are timed together,
+    interleaved."""
     results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in prepared}
     for batch in batch_sizes:
         advance(f"timing batch {batch}")
@@ -135,6 +145,10 @@ def measure_tower(
             samples = time_interleaved(calls, warmup, iterations, timer)
             for name, times in samples.items():
                 results[name][str(batch)] = summarize(times, batch)
+                if REFERENCE in samples:
+                    estimate = paired_speedup(samples[REFERENCE], times)
+                    verdict = CONCLUSIVE if estimate["noise"] <= LatencyPolicy().tolerance else INCONCLUSIVE
+                    results[name][str(batch)].update(estimate, verdict=verdict)
     return results
 
 
@@ -150,10 +164,9 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
     p50_ms, p90_ms, p99_ms, mean_ms, throughput (batch / mean), throughput_p50, iterations, speedup, gflops,
     pct_peak, pct_peak_fp32 — or {skipped: reason}}}}}}; `skipped` [{tower, runner, batch or null, reason}].
     """
-    import torch
 
     from toolkit.backends.bundle import check_bundle
-    from toolkit.core.machine import machine_info, usable_cores
+    from toolkit.core.machine import machine_info, machine_load
     from toolkit.model.loading import load_model
 
     options = options or BenchOptions()
@@ -170,7 +183,8 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
         if not set(manifest.towers) & set(towers):
             raise DcncError(f"--bundle {bundle}: none of its towers {sorted(manifest.towers)} is among {list(towers)}")
     batch_sizes = tuple(sorted(set(options.batch_sizes)))
-    threads = options.threads or usable_cores()
+    load = machine_load(options.threads)
+    threads = load.threads
     workspace = Workspace(loaded, options.out, options.device, batch_sizes, threads, options.calib)
     steps = len(towers) * (len(kinds) + len(bundles) + 1 + len(batch_sizes)) + 2
     report: dict[str, Any] = {
@@ -180,6 +194,7 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
         "timer": "cuda_events" if options.device == "cuda" else "wall_clock",
         "reference": REFERENCE,
         "options": {**asdict(options), "batch_sizes": list(batch_sizes), "threads": threads},
+        "load": load.to_dict(),
         "runners": [k.name for k in kinds] + [f"bundle:{b.name}" for b, _ in bundles],
         "towers": {},
         "peaks": {},
@@ -187,9 +202,7 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
     }
     start = time.perf_counter()
     report["load_average_before"] = _load_average()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with StepBar(steps, enabled=progress, label="bench") as bar:
             # the peaks before and after the towers: a machine shared with other jobs rarely gives its best
             # throughput at one moment, and a peak measured while it was busy would inflate every % of peak
@@ -200,8 +213,6 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
                 report["towers"][name] = _bench_tower(name, tower, kinds, bundles, workspace, options, batch_sizes, timer, bar)
             bar.advance("measuring MatMul peaks again")
             report["peaks"] = _best_peaks(before, _measure_peaks(needed, options.device, threads, options.peak_n))
-    finally:
-        torch.set_num_threads(previous_threads)
     _read_against(report)
     report["seconds"] = time.perf_counter() - start
     report["load_average_after"] = _load_average()
@@ -238,7 +249,7 @@ def _bench_tower(name, tower, kinds, bundles, workspace, options, batch_sizes, t
         kind = bundle_kind(manifest)
         entries[label] = _entry(kind)
         try:
-            runner = bundle_tower_runner(bundle, manifest, name, workspace.threads)
+            runner = tower_runner(bundle, manifest, name, workspace.threads, spinning=False)
             prepared[label] = BundlePrepared(label, kind, runner, feeds, options.device, source=str(bundle))
         except DcncError as err:
             entries[label].update(status="skipped", reason=str(err))
@@ -328,7 +339,6 @@ def _read_against(report: dict[str, Any]) -> None:
     peaks = report["peaks"]
     for tower_name, tower in report["towers"].items():
         flops = tower["flops_per_sample"]
-        reference = tower["runners"].get(REFERENCE, {}).get("batches", {})
         for runner_name, entry in tower["runners"].items():
             if entry["status"] != "ok":
                 report["skipped"].append({"tower": tower_name, "runner": runner_name, "batch": None, "reason": entry["reason"]})
@@ -339,8 +349,6 @@ def _read_against(report: dict[str, Any]) -> None:
                     report["skipped"].append({"tower": tower_name, "runner": runner_name, "batch": int(batch), "reason": stats["skipped"]})
                     continue
                 stats["throughput_p50"] = int(batch) / (stats["p50_ms"] / 1e3) if stats["p50_ms"] > 0 else None
-                ref = reference.get(batch, {}).get("p50_ms")
-                stats["speedup"] = ref / stats["p50_ms"] if ref and stats["p50_ms"] > 0 else None
                 gflops = flops * int(batch) / (stats["p50_ms"] / 1e3) / 1e9 if flops and stats["p50_ms"] > 0 else None
                 stats["gflops"] = gflops
                 for label, key in (("pct_peak", "precision"), ("pct_peak_fp32", "fp32")):
@@ -370,7 +378,9 @@ def bench_tables(report: dict[str, Any]) -> list:
         f"{k} {v['gflops']:.0f}" if "gflops" in v else f"{k} not measured ({v['skipped']})" for k, v in report["peaks"].items()
     )
     before, after = report.get("load_average_before"), report.get("load_average_after")
-    load = f"load average (1 min) {before[0]} before, {after[0]} after" if before and after else ""
+    load = f"load average {before[0]} before, {after[0]} after" if before and after else ""
+    if report.get("load", {}).get("busy") is not None:
+        load += f"; {report['load']['busy']:.1f} of {report['load']['cores']} cores busy at the start"
     tables = []
     for tower_name, tower in report["towers"].items():
         flops = f"{tower['flops_per_sample']:,} FLOPs/sample" if tower["flops_per_sample"] else "FLOPs unknown"
@@ -385,6 +395,8 @@ def bench_tables(report: dict[str, Any]) -> list:
         for column in ("runner", "batch", "p50 ms", "samples/s", f"x {REFERENCE}", "GFLOP/s", "% peak"):  # at p50
             if column == "runner":  # names of --bundle runners can be long: they wrap, the numbers do not
                 table.add_column(column, overflow="fold", min_width=13, ratio=1)
+            elif column == f"x {REFERENCE}":  # "inconclusive ±98%" may wrap onto a second line
+                table.add_column(column, justify="right", min_width=7)
             else:
                 table.add_column(column, justify="right", no_wrap=True)
         for runner_name, entry in tower["runners"].items():
@@ -398,7 +410,7 @@ def bench_tables(report: dict[str, Any]) -> list:
                     continue
                 table.add_row(
                     runner_name, batch, f"{stats['p50_ms']:.3f}", f"{stats['throughput_p50']:,.0f}",
-                    _fmt(stats["speedup"], ".2f"), _fmt(stats["gflops"], ".2f"), _fmt(stats["pct_peak"], ".1f"),
+                    speedup_text(stats), _fmt(stats["gflops"], ".2f"), _fmt(stats["pct_peak"], ".1f"),
                 )  # fmt: skip
         tables.append(table)
     return tables

@@ -131,27 +131,6 @@ class BundlePrepared(Prepared):
 
 
 # --- sessions and bundles -----------------------------------------------------------------------------------
-def bundle_tower_runner(bundle: Path, manifest: Any, tower: str, threads: int | None):
-    """The runner of `tower` in a checked bundle: ORT sessions as the manifest says but with `threads` (when
-    given) and spinning off; TensorRT through toolkit.backends.bundle.tower_runner."""
-    from toolkit.backends.bundle import tower_runner
-
-    if manifest.backend not in ("ort", "ort-cuda"):
-        return tower_runner(bundle, manifest, tower)
-    from toolkit.backends.ort.loader import OrtOptions, ort_session
-    from toolkit.backends.ort.runner import OrtRunner
-
-    entry = manifest.towers[tower]
-    settings = dict(manifest.options.get("ort", {}))
-    if threads:
-        settings["threads"] = threads
-    graph = bundle / (entry.optimized_onnx or entry.onnx)
-    # spinning off: sessions that take turns must not leave a pool spinning on the cores the next one needs
-    session = ort_session(graph, manifest.backend, OrtOptions(**settings), spinning=False,
-                          preoptimized=bool(entry.optimized_onnx))
-    return OrtRunner(session, name=f"{manifest.backend}:{tower}", batch_range=manifest.batch_range())
-
-
 def bundle_kind(manifest: Any) -> RunnerKind:
     """The RunnerKind a user's bundle runs as (its backend and precision)."""
     device = "cpu" if manifest.backend == "ort" else "cuda"
@@ -261,10 +240,10 @@ def prepare(kind: RunnerKind, tower: str, workspace: Workspace, feeds: TowerFeed
                     continue  # a batch the tower refuses is recorded when it is timed
                 _run_once(call, kind.name)
     else:
-        from toolkit.backends.bundle import check_bundle
+        from toolkit.backends.bundle import check_bundle, tower_runner
 
         bundle = workspace.bundle(tower, kind)
-        runner = bundle_tower_runner(bundle, check_bundle(bundle), tower, workspace.threads)
+        runner = tower_runner(bundle, check_bundle(bundle), tower, workspace.threads, spinning=False)
         prepared = BundlePrepared(kind.name, kind, runner, feeds, device, source=str(bundle))
     prepared.setup_s = time.perf_counter() - start
     return prepared

@@ -36,18 +36,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 from toolkit.core.errors import DcncError
+from toolkit.core.fileio import read_toml
 
 EXAMPLE_PIPELINE = "pipeline.toml"  # in toolkit/examples: the pipeline `dcnc run` runs without a file
 EXAMPLE_MODELS = {"two_tower": "retrieval", "ranker": "ranking"}  # example name -> toolkit.example.train family
@@ -66,8 +61,9 @@ class ExportSettings:
 
 @dataclass(frozen=True)
 class VerifySettings:
-    """toolkit.evaluate.verify.verify's options. data None: the evaluation split the checkpoint names. gates: threshold
-    overrides (toolkit.evaluate.gates keys) on top of the bundle precision's defaults."""
+    """toolkit.commands.verify.verify's options. data None: the evaluation split the checkpoint names. gates:
+    threshold overrides (toolkit.evaluate.gates keys) on top of the bundle precision's defaults. latency_ci /
+    latency_budget: toolkit.evaluate.latency.LatencyPolicy's tolerance and budget_s."""
 
     data: Path | None = None
     ks: tuple[int, ...] = (1, 10, 100)
@@ -75,6 +71,8 @@ class VerifySettings:
     iterations: int = 50
     warmup: int = 10
     latency: bool = True
+    latency_ci: float = 0.10
+    latency_budget: float = 3.0
     branches: bool = True
     gates: dict[str, float] = field(default_factory=dict)
 
@@ -292,6 +290,7 @@ class _Reader:
         return self.table(data, where, {
             "data": self.file, "ks": _integers, "batch_sizes": _integers, "iterations": _integer,
             "warmup": lambda v: _integer(v, 0), "latency": _boolean, "branches": _boolean, "gates": _gates,
+            "latency_ci": _number, "latency_budget": _number,
         })
 
     def targets(self, data: Any, where: str) -> tuple[Target, ...]:
@@ -391,16 +390,10 @@ def load_pipeline(path: str | Path | None = None) -> Pipeline:
     """The pipeline in the TOML file `path`, every key checked; None: the built-in example
     (toolkit/example/pipeline.toml: the example two-tower and ranker, each as ORT fp32, fp16 and int8)."""
     if path is None:
-        text = (resources.files("toolkit.example") / EXAMPLE_PIPELINE).read_text()
-        return _Reader(None).pipeline(tomllib.loads(text))
+        with resources.as_file(resources.files("toolkit.example") / EXAMPLE_PIPELINE) as example:
+            return _Reader(None).pipeline(read_toml(example, "pipeline file"))
     path = Path(path)
-    if not path.is_file():
-        raise DcncError(f"{path}: no such pipeline file")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise DcncError(f"{path}: not valid TOML ({err})") from None
-    return _Reader(path).pipeline(data)
+    return _Reader(path).pipeline(read_toml(path, "pipeline file"))
 
 
 def describe(pipeline: Pipeline) -> dict[str, Any]:

@@ -138,13 +138,15 @@ def _build(job: ModelJob, target: Target, export_dir: Path, export_hashes: dict,
 def _verify(job: ModelJob, target: Target, source: str, source_hash: str, data: Path, build_hashes: dict,
             folder: Path, force: bool, say: Say) -> tuple[str, dict[str, Any]]:
     from toolkit.commands.verify import verify
+    from toolkit.evaluate.latency import LatencyPolicy
     from toolkit.evaluate.verify import VerifyOptions
     from toolkit.report import verify as reports
 
     settings = job.verify
     gates = {**settings.gates, **target.gates}
     options = VerifyOptions(ks=settings.ks, batch_sizes=settings.batch_sizes, iterations=settings.iterations,
-                            warmup=settings.warmup, latency=settings.latency)
+                            warmup=settings.warmup, latency=settings.latency,
+                            policy=LatencyPolicy(settings.latency_ci, settings.latency_budget))
     paths = {name: folder / file for name, file in REPORT_FILES.items()}
     stage = Stage(f"{job.name}/{target.name}/verify", folder / "verify.stamp.json", {
         "bundle": build_hashes, "reference": source_hash, "data": content_hash(data),
