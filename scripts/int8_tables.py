@@ -22,18 +22,21 @@ def quality(name: str, subject: dict) -> list[str]:
     for variant, entry in rows.items():
         values = [entry[t][k] for t in towers for k in entry[t]] + [entry["eval"][k] for k in evaluated]
         lines.append(f"| {variant} | " + " | ".join(_number(v) for v in values) + " |")
+    for variant, reason in subject.get("refused", {}).items():
+        lines.append(f"| {variant} | refused: {reason} |")
     return lines + [""]
 
 
 def speed(name: str, runs: list[dict]) -> list[str]:
-    """Per variant and tower@batch: the speedup of each run (one interleaved run each), with load averages."""
+    """Per variant and tower@batch: the speedup of each run (one interleaved run each): medians, and fastest /
+    fastest in parentheses; with the load averages before and after each run."""
     keys = list(runs[0]["speed"])
-    variants = [v for v in runs[0]["speed"][keys[0]] if v != "fp32_ms"]
+    variants = [v for v in runs[0]["speed"][keys[0]] if v != "fp32_ms" and not v.endswith(" fastest")]
     loads = "; ".join(f"run {i + 1}: load {r['load'][0]:.1f} -> {r['load'][1]:.1f}" for i, r in enumerate(runs))
     lines = [f"**{name}** INT8 / FP32 speed ({loads})", "", "| variant | " + " | ".join(keys) + " |", "|---" * (1 + len(keys)) + "|"]
     lines.append("| FP32 ms | " + " | ".join(" / ".join(f"{r['speed'][k]['fp32_ms']:.2f}" for r in runs) for k in keys) + " |")
     for variant in variants:
-        cells = [" / ".join(f"{r['speed'][k][variant]:.2f}x" for r in runs) for k in keys]
+        cells = [" / ".join(_speedup(r["speed"][k], variant) for r in runs) for k in keys]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -70,6 +73,12 @@ def clipping(name: str, subject: dict) -> list[str]:
         lines.append(f"| {row['node']} | {_range(row['range'])} | {_range(entropy['range'])} | {entropy['clipped']:.3%}"
                      f" | {_range(percentile['range'])} | {percentile['clipped']:.3%} |")  # fmt: skip
     return lines + [""]
+
+
+def _speedup(entry: dict, variant: str) -> str:
+    """median / median, and fastest / fastest in parentheses where measured."""
+    fastest = entry.get(f"{variant} fastest")
+    return f"{entry[variant]:.2f}x" + (f" ({fastest:.2f}x)" if fastest else "")
 
 
 def _range(values) -> str:
