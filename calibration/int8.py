@@ -116,6 +116,10 @@ class Int8Lowerer:
         quantized, nodes = quantize(graph)
         return quantized, nodes, bias
 
+    def _uint8_cross(self, recipe: Int8Recipe) -> bool:
+        """The cross layers' product and residual run on uint8 (their skip path then keeps its minmax range)."""
+        return recipe.cross_path == "integer" and "Add" in TARGET_CONFIGS[self.target].op_types
+
     def record(self, recipe: Int8Recipe, nodes: list[str], keep_fp32: Iterable[str], bias: dict | None,
                search: dict | None = None) -> Int8Lowering:  # fmt: skip
         graph, ranges, calibration, _ = self.prepared(recipe.smooth)
@@ -129,7 +133,7 @@ class Int8Lowerer:
             quantized_nodes=nodes,
             kept_fp32=list(keep_fp32),
             quantize_embeddings=self.quantize_embeddings,
-            unclipped_tensors=sorted(unclipped_tensors(graph)) if recipe.cross_path == "integer" else [],
+            unclipped_tensors=sorted(unclipped_tensors(graph)) if self._uint8_cross(recipe) else [],
             config=asdict(TARGET_CONFIGS[self.target]) | {"reduce_range": self.reduce_range},
             isa=self.isa,
             recipe=recipe.to_dict(),
