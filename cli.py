@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from toolkit import __version__
 from toolkit.core.errors import DcncError, GateFailed
@@ -31,11 +32,11 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except DcncError as err:
-            console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        except DcncError as err:  # escaped: a message may hold brackets rich would take for markup ('dcnc[ray]')
+            console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except GateFailed as err:
-            console.print(f"[red]FAILED:[/red] {err}", highlight=False, soft_wrap=True)
+            console.print(f"[red]FAILED:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
@@ -154,9 +155,17 @@ def verify(
     min_speedup: float = typer.Option(None, "--min-speedup", help="Gate: reference p50 / candidate p50, at least (off by default)."),
     latency_tolerance: float = typer.Option(None, "--latency-tolerance", help="With --baseline: smallest regression flagged (default 0.02)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar (corpus embedding, latency sweep)."),
+    corpus: str = typer.Option(None, "--corpus", help="Retrieval: take the items from this corpus (Parquet file or folder, or .npz, as `dcnc embed` reads) instead of --data's item/*; --data then holds query/* and relevance as (query row, corpus item id). Both sides embed every item; exact top-K is searched shard by shard and merged."),
+    engine: str = typer.Option("local", "--engine", help="With --corpus: local (this process) or ray (Ray Data actors embed and search shares of the corpus; merged here)."),
+    address: str = typer.Option(None, "--address", help="With --engine ray: the cluster to join. Default: a local Ray."),
+    concurrency: int = typer.Option(None, "--concurrency", help="With --engine ray: the actors. Default as `dcnc embed`."),
+    num_gpus: float = typer.Option(None, "--num-gpus", help="With --engine ray: GPUs per actor. Default as `dcnc embed`."),
+    id_column: str = typer.Option("id", "--id-column", help="With --corpus: the corpus column holding item ids (integers)."),
 ) -> None:
     """Check a bundle against its PyTorch original: parity, recall@K or AUC, and latency; exit 1 if a gate fails."""
     quiet_openmp()  # before torch loads: OpenMP reads its wait policy once
+    from toolkit.commands.embed.command import EngineOptions
+    from toolkit.commands.verify import Corpus
     from toolkit.commands.verify import verify as run_verify
     from toolkit.evaluate.latency import LatencyPolicy
     from toolkit.evaluate.verify import VerifyOptions
@@ -168,8 +177,11 @@ def verify(
     overrides = {"cosine_min": cosine_min, "rel_l2": rel_l2, "max_abs": max_abs, "recall_ratio": recall_ratio,
                  "agreement": agreement, "auc_diff": auc_diff, "logloss_diff": logloss_diff,
                  "min_speedup": min_speedup, "latency_tolerance": latency_tolerance}
+    if not corpus and (engine != "local" or address or concurrency or num_gpus):
+        raise DcncError("--engine, --address, --concurrency and --num-gpus choose where --corpus is embedded; pass --corpus")
+    engine_options = EngineOptions(engine, address, None, concurrency, num_gpus, progress=not quiet)
     result = run_verify(reference, bundle, data, device, options, gates, overrides, baseline, branches, inputs, weights,
-                        require_quality)
+                        require_quality, Corpus(corpus, engine_options, id_column) if corpus else None)  # fmt: skip
     for path, write in ((report, reports.write_json), (junit, reports.write_junit), (markdown, reports.write_markdown)):
         if path:
             write(result, path)
@@ -185,6 +197,46 @@ def verify(
         print(f"HTML report: {html}")
     if not result.passed:
         raise GateFailed(", ".join(g.name for g in result.failed_gates))
+
+
+# --- dcnc embed ----------------------------------------------------------------------------------------------
+EMBED_EPILOG = """ITEMS is a Parquet file or folder (every *.parquet under it; names starting with . or _ skipped) with one column per tower input, named as the input: a [B] input a plain column of its dtype (int64 ids), a [B, d] input a fixed-size list column of d values (pyarrow: pa.list_(pa.float32(), d)); and an id column (--id-column). Or an .npz keyed by input name (loaded whole; ids are row numbers unless it has the id array).
+
+DIR gets shards/*.parquet (the id column, then each tower output as a fixed-size float32 list) and manifest.json (schema dcnc.embed/1: bundle hash, tower, rows, shards with hashes, engine, seconds, items/s). Read it back with pandas.read_parquet("DIR/shards") or ray.data.read_parquet("DIR/shards"). DIR appears whole or not at all: a run that fails or is killed leaves nothing, and the next run clears what a killed one staged. Running again with the same bundle, tower, items and batch size is a no-op.
+
+Examples: `dcnc embed bundles/two_tower --data items/ --out emb/` (this machine, every core); `dcnc embed bundles/two_tower --data items/ --out emb/ --engine ray` (a local Ray cluster); `dcnc embed bundles/trt-fp16 --data /shared/items --out /shared/emb --engine ray --address auto --num-gpus 1 --batch-size 65536` (a GPU cluster: one actor per GPU; paths must be visible to every node). Both engines give identical embeddings. docs/scale.md: sizing a cluster, GPU batch sizes, 1B-item estimates.
+
+Exit codes: 0 written (or already current); 2 bad input: a missing column or wrong type or width, nulls, NaN/Inf, an id outside its embedding table, an empty corpus, an unwritable DIR, a changed bundle, Ray not installed (nothing is written)."""
+
+
+@app.command(epilog=EMBED_EPILOG)
+@user_errors
+def embed(
+    bundle: str = typer.Argument(..., help="A bundle directory written by `dcnc build`."),
+    data: str = typer.Option(..., "--data", help="ITEMS: a Parquet file or folder, or an .npz (see below)."),
+    out: str = typer.Option(..., "--out", help="DIR: the output folder (Parquet shards and manifest.json)."),
+    tower: str = typer.Option("item", "--tower", help="The bundle's tower to run."),
+    engine: str = typer.Option("local", "--engine", help="local: this process, its ONNX Runtime session on every usable core. ray: Ray Data actors, one bundle runner each (pip install 'dcnc[ray]')."),
+    address: str = typer.Option(None, "--address", help="ray: the cluster to join (auto, or ray://head:10001). Default: start a local Ray on this machine's cores."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Rows per inference call, inside the bundle's batch profile. Default: the profile's largest batch."),
+    concurrency: int = typer.Option(None, "--concurrency", help="ray: the number of actors. Default: one per GPU for GPU bundles, else one per CPU but one (Ray Data's read and write tasks need it)."),
+    num_gpus: float = typer.Option(None, "--num-gpus", help="ray: GPUs per actor (0.5 packs two actors on a GPU). Default: 1 for ort-cuda and tensorrt bundles, 0 for CPU bundles."),
+    id_column: str = typer.Option("id", "--id-column", help="The column of ITEMS carried to the output as each row's id."),
+    shard_rows: int = typer.Option(1_000_000, "--shard-rows", help="Rows per output Parquet file, at most."),
+    force: bool = typer.Option(False, "--force", help="Replace DIR when it holds something else (an output made from other inputs)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Embed every item of a corpus with a bundle's tower: Parquet shards and a manifest, locally or on Ray."""
+    from toolkit.commands.embed.command import EngineOptions
+    from toolkit.commands.embed.command import embed as run_embed
+
+    options = EngineOptions(engine, address, batch_size, concurrency, num_gpus, progress=not quiet)
+    manifest, current = run_embed(bundle, data, out, tower, options, id_column, shard_rows, force)
+    if current:
+        print(f"{out}: current ({manifest['rows']:,} rows, made by the {manifest['engine']['name']} engine); nothing to do")
+        return
+    print(f"{out}: {manifest['rows']:,} rows in {len(manifest['shards'])} shards, {manifest['seconds']:.1f} s,"
+          f" {manifest['items_per_s']:,.0f} items/s ({manifest['engine']['name']} engine, batch {manifest['engine']['batch_size']})")
 
 
 # --- dcnc build -----------------------------------------------------------------------------------------------
@@ -211,7 +263,8 @@ def build(
     ort_opt_level: str = typer.Option("all", "--ort-opt-level", help="ORT graph optimisation: disable, basic, extended or all."),
     save_optimized: bool = typer.Option(False, "--save-optimized", help="ORT: also save its optimised graph (loads faster; tied to this ORT version and CPU, marked non-portable)."),
     device_id: int = typer.Option(0, "--device-id", help="CUDA device for ort-cuda and tensorrt."),
-    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="ort-cuda / tensorrt: capture one CUDA graph per batch size and replay it."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="ort-cuda / tensorrt: capture one CUDA graph per batch size and replay it. Where onnxruntime cannot capture a tower (a node off the CUDA provider), the bundle records it off, with ORT's reason."),
+    allow_tf32: bool = typer.Option(False, "--allow-tf32", help="ort-cuda / tensorrt: let FP32 MatMul/Gemm compute in TF32 (inputs rounded to 10-bit mantissas; off by default, as the fp32 gates and the FP32 torch reference expect). Recorded in the manifest."),
     trt_opt_level: int = typer.Option(3, "--trt-opt-level", help="TensorRT builder optimisation level 0-5 (higher builds longer)."),
     max_aux_streams: int = typer.Option(2, "--max-aux-streams", help="TensorRT auxiliary streams, so the cross and deep branches run concurrently (-1: TensorRT decides)."),
     version_compatible: bool = typer.Option(False, "--version-compatible", help="TensorRT: an engine later TensorRT versions of the same major can run."),
@@ -226,11 +279,12 @@ def build(
 
     manifest = build_bundle(
         model, out, backend=backend, precision=precision, calib=calib, batch=parse_batch(batch), force=force,
-        ort_options=OrtOptions(threads=threads, opt_level=ort_opt_level, device_id=device_id, cuda_graph=cuda_graph),
+        ort_options=OrtOptions(threads=threads, opt_level=ort_opt_level, device_id=device_id, cuda_graph=cuda_graph,
+                               allow_tf32=allow_tf32),
         trt_options=TrtOptions(
             opt_level=trt_opt_level, max_aux_streams=None if max_aux_streams < 0 else max_aux_streams,
             version_compatible=version_compatible, hardware_compat=hardware_compat, workspace_mib=workspace,
-            device_id=device_id, cuda_graph=cuda_graph,
+            device_id=device_id, cuda_graph=cuda_graph, allow_tf32=allow_tf32,
         ),
         save_optimized=save_optimized, timing_cache=timing_cache, int8_target=int8_target,
         calib_method=calib_method, calib_samples=calib_samples, keep_fp32=tuple(keep_fp32 or ()), int8_isa=int8_isa,
@@ -238,6 +292,8 @@ def build(
     )
     towers = ", ".join(manifest.towers)
     print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {batch}")
+    if manifest.options.get("cuda_graph_refused"):
+        print(f"  CUDA graphs off: {manifest.options['cuda_graph_refused']}")
     for tower, entry in manifest.towers.items():
         if entry.lowering:
             print(f"  {tower}: {entry.lowering.summary()}")

@@ -87,3 +87,24 @@ def verify_case(tmp_path_factory) -> Path:
     from verify_cases import build_verify_case
 
     return build_verify_case(tmp_path_factory.mktemp("verify"))
+
+
+@pytest.fixture(scope="session")
+def corpus_case(tmp_path_factory) -> Path:
+    """A 200k-item corpus case (corpus_cases.build_corpus_case): model.pt, bundle/, items/, eval.npz."""
+    from corpus_cases import build_corpus_case
+
+    return build_corpus_case(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for the whole session (2 CPUs, no dashboard), shut down at the end: starting Ray
+    costs seconds, so the Ray tests share it (dcnc's Ray engine uses a session it finds already connected)."""
+    import logging
+
+    ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'dcnc[ray]'")
+    pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'dcnc[ray]'")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield ray
+    ray.shutdown()

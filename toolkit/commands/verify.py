@@ -5,35 +5,22 @@ the half emulation (DESIGN.md decision 1) and are timed as built."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from toolkit.backends.bundle import check_bundle, tower_runner
-from toolkit.backends.torch_runner import TorchRunner, torch_threads
+from toolkit.backends.torch_runner import REFERENCE_MATH, TorchRunner, torch_threads
+from toolkit.commands.embed.command import EngineOptions
+from toolkit.commands.embed.corpus_pass import corpus_scan
 from toolkit.core.errors import DcncError
 from toolkit.core.machine import machine_load
 from toolkit.core.onnxio import load_onnx
-from toolkit.evaluate.evaldata import load_eval
+from toolkit.evaluate.evaldata import load_corpus_eval, load_eval
 from toolkit.evaluate.gates import load_baseline, resolve_thresholds
 from toolkit.evaluate.result import Report
-from toolkit.evaluate.verify import Runner, VerifyOptions, verify_runners
-from toolkit.model.loading import load_model
-
-
-class SignedTower(nn.Module):
-    """A loaded tower as TorchRunner takes it: the user's module with the signature loading found for it
-    (a factory's module need not carry `input_specs` itself)."""
-
-    def __init__(self, tower: Any) -> None:
-        super().__init__()
-        self.inner = tower.module
-        self.input_specs = tower.input_specs
-        self.output_names = list(tower.output_names)
-
-    def forward(self, *inputs: Any) -> Any:
-        return self.inner(*inputs)
+from toolkit.evaluate.verify import VerifyOptions, emulated_runners, verify_runners
+from toolkit.model.loading import SignedTower, load_model
 
 
 def _branch_timing(bundle: Path, manifest: Any, batch: int) -> dict[str, Any]:
@@ -49,22 +36,14 @@ def _branch_timing(bundle: Path, manifest: Any, batch: int) -> dict[str, Any]:
     return result
 
 
-def _emulated_runners(bundle: Path, manifest: Any) -> dict[str, Runner] | None:
-    """For half-precision graphs run by ONNX Runtime's CPU provider, which casts around its missing FP16 kernels
-    and so computes in FP32 (DESIGN.md decision 1): runners over the same graphs under half emulation, so parity
-    and recall are those of a GPU. None for other bundles."""
-    from graphs.emulation import emulated_half_session
-    from toolkit.backends.ort.runner import OrtRunner
+@dataclass(frozen=True)
+class Corpus:
+    """`dcnc verify --corpus`: the items come from this corpus (Parquet file or folder, or .npz, as `dcnc embed`
+    reads it) instead of the evaluation data's item/*, embedded by both sides with `engine` (local or Ray)."""
 
-    if manifest.precision not in ("fp16", "bf16") or manifest.backend not in ("ort", "ort-cuda"):
-        return None
-    return {
-        tower: OrtRunner(
-            emulated_half_session(load_onnx(bundle / entry.onnx), manifest.precision),
-            name=f"emulated-{manifest.precision}:{tower}", batch_range=manifest.batch_range(),
-        )
-        for tower, entry in manifest.towers.items()
-    }
+    items: str | Path
+    engine: EngineOptions
+    id_column: str = "id"
 
 
 def verify(
@@ -80,6 +59,7 @@ def verify(
     inputs: list[str] | None = None,
     weights: str | Path | None = None,
     require_quality: bool = False,
+    corpus: Corpus | None = None,
 ) -> Report:
     """Verify the bundle at `bundle` against the model `reference` (anything `dcnc export` loads; a factory with
     its `inputs` NAME:DTYPE:SHAPE strings and `weights` state_dict, as `dcnc export` takes them).
@@ -88,7 +68,8 @@ def verify(
     device: "cpu" or "cuda" (both sides run and are timed there). gates_file / overrides: thresholds on top of
     the defaults for the bundle's precision. baseline: an earlier report (JSON) to compare latency against.
     branches: also time the cross and deep branch subgraphs of parallel towers (CPU only). require_quality:
-    refuse data without relevance pairs or labels (numeric-only verify) as bad input.
+    refuse data without relevance pairs or labels (numeric-only verify) as bad input. corpus: a retrieval model's
+    items come from a corpus, and `data` gives the queries and relevance naming corpus item ids.
 
     Timing: both sides get the intra-op threads other work leaves free at the start (options.threads to fix
     them), and the bundle's ONNX Runtime sessions do not spin, so neither steals the cores the other is timed on.
@@ -111,15 +92,21 @@ def verify(
     towers = loaded.towers
     if len(towers) == 1 and len(manifest.towers) == 1:  # one tower each: the file's stem named the bundle's
         towers = {next(iter(manifest.towers)): next(iter(towers.values()))}
-    evaluation = load_eval(
-        data, {t: tw.input_specs for t, tw in towers.items()}, {t: list(tw.output_names) for t, tw in towers.items()},
-        require_quality,
-    )
+    specs = {t: tw.input_specs for t, tw in towers.items()}
+    if corpus is not None:
+        scan = corpus_scan(corpus.items, corpus.engine, corpus.id_column, str(reference), inputs,
+                           None if weights is None else str(weights), str(bundle), device)  # fmt: skip
+        evaluation = load_corpus_eval(data, specs, scan, scan.label)
+    else:
+        evaluation = load_eval(data, specs, {t: list(tw.output_names) for t, tw in towers.items()}, require_quality)
     load = machine_load(options.threads)
     reference_runners = {t: TorchRunner(SignedTower(tw), device, name=f"torch:{t}") for t, tw in towers.items()}
     bundle_runners = {t: tower_runner(bundle, manifest, t, load.threads, spinning=False) for t in manifest.towers}
-    emulated = _emulated_runners(Path(bundle), manifest) if device == "cpu" else None
-    names = {"reference": str(reference), "candidate": str(bundle), "precision": manifest.precision, "data": str(data)}
+    emulated = emulated_runners(Path(bundle), manifest, device)
+    names = {"reference": str(reference), "candidate": str(bundle), "precision": manifest.precision,
+             "data": str(data) if corpus is None else f"{data} (queries), {evaluation.corpus} (items)"}
+    if device == "cuda":  # where TF32 could otherwise have been on
+        names["reference_math"] = REFERENCE_MATH
     if emulated:
         names["emulation"] = (
             f"{manifest.precision} answers computed under half emulation on CPU (every half tensor rounded as a GPU"

@@ -26,6 +26,7 @@ import numpy as np
 from toolkit.core.errors import DcncError
 from toolkit.core.npz import check_feeds, load_npz
 from toolkit.core.signature import TensorSpec
+from toolkit.evaluate.corpus import CorpusScan
 
 RETRIEVAL_TOWERS = ("query", "item")
 
@@ -139,6 +140,44 @@ def retrieval_eval(
         raise DcncError(f"{where}: unexpected key {unknown[0]!r} (expected query/<input>, item/<input>, relevance)")
     relevance = check_relevance(arrays["relevance"], sides["query"][1], sides["item"][1], where)
     return RetrievalEval(sides["query"][0], sides["item"][0], relevance)
+
+
+@dataclass
+class CorpusEval:
+    """Queries, relevance naming corpus item ids, and the scan that runs the item towers over the corpus."""
+
+    queries: dict[str, np.ndarray]
+    relevance: np.ndarray  # int64 [P, 2]: (query row, item id in the corpus's id column)
+    scan: CorpusScan
+    corpus: str  # where the items come from, for the report
+
+    @property
+    def num_queries(self) -> int:
+        return len(next(iter(self.queries.values())))
+
+    @property
+    def num_items(self) -> int:
+        return self.scan.rows
+
+
+def load_corpus_eval(
+    path: str | Path, input_specs: dict[str, list[TensorSpec]], scan: CorpusScan, corpus: str
+) -> CorpusEval:
+    """Queries and relevance from the .npz at `path` (query/<input>, relevance as (query row, item id)) for a
+    corpus read by `scan`, opened against the item tower's inputs. item/<input> arrays are not used: the corpus
+    replaces them."""
+    arrays = load_npz(path)
+    if not is_retrieval(input_specs):
+        raise DcncError(f"--corpus needs a retrieval model (towers {list(RETRIEVAL_TOWERS)}), got {list(input_specs)}")
+    if "relevance" not in arrays:
+        raise DcncError(f"{path}: missing key 'relevance' (int64 [P, 2] of query row, corpus item id)")
+    queries = {k[len("query/"):]: v for k, v in arrays.items() if k.startswith("query/")}
+    if not queries:
+        raise DcncError(f"{path}: no 'query/<input>' keys for the query tower")
+    num_queries = check_feeds(queries, input_specs["query"], f"{path}: query")
+    scan.open(input_specs["item"])
+    relevance = check_relevance(arrays["relevance"], num_queries, np.iinfo(np.int64).max, str(path))
+    return CorpusEval(queries, relevance, scan, corpus)
 
 
 def check_relevance(relevance: np.ndarray, num_queries: int, num_items: int, where: str) -> np.ndarray:

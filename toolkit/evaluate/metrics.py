@@ -42,18 +42,22 @@ class TopKSearch:
         self.heap = faiss.ResultHeap(len(self.queries), k, keep_max=True)
         self.items = 0
 
-    def add(self, chunk: np.ndarray) -> None:
+    def add(self, chunk: np.ndarray, ids: np.ndarray | None = None) -> None:
+        """Search one chunk. Its rows are numbered on from the previous chunks, or named by `ids` (int [n_i], e.g.
+        a corpus's item ids, which need not be contiguous)."""
         import faiss
 
         chunk = np.ascontiguousarray(chunk, dtype=np.float32)
         if chunk.ndim != 2 or chunk.shape[1] != self.queries.shape[1]:
             raise DcncError(f"top-K: item chunk has shape {list(chunk.shape)}, queries have dim {self.queries.shape[1]}")
+        if ids is not None and len(ids) != len(chunk):
+            raise DcncError(f"top-K: {len(ids)} ids for an item chunk of {len(chunk)} rows")
         if len(chunk) == 0:
             return
         index = faiss.IndexFlatIP(chunk.shape[1])
         index.add(chunk)
-        scores, ids = index.search(self.queries, min(self.k, len(chunk)))
-        self.heap.add_result(scores, ids + self.items)
+        scores, rows = index.search(self.queries, min(self.k, len(chunk)))
+        self.heap.add_result(scores, rows + self.items if ids is None else np.asarray(ids, dtype=np.int64)[rows])
         self.items += len(chunk)
 
     def result(self) -> TopK:
@@ -63,6 +67,25 @@ class TopKSearch:
         self.heap.finalize()
         kept = min(self.k, self.items)
         return TopK(self.heap.D[:, :kept].copy(), self.heap.I[:, :kept].copy())
+
+
+def merge_top_k(parts: Iterable[TopK], k: int) -> TopK:
+    """The best `k` per query of several top-K lists over disjoint item sets (shards) of the same queries: a k-way
+    merge through one faiss heap per query, so memory is O(Q*k) whatever the number of shards."""
+    import faiss
+
+    heap, found = None, 0
+    for part in parts:
+        if heap is None:
+            heap = faiss.ResultHeap(len(part.ids), k, keep_max=True)
+        if part.ids.shape[1]:
+            heap.add_result(part.scores, part.ids)
+            found += part.ids.shape[1]
+    if heap is None or found == 0:
+        raise DcncError("top-K: the item corpus is empty")
+    heap.finalize()
+    kept = min(k, found)
+    return TopK(heap.D[:, :kept].copy(), heap.I[:, :kept].copy())
 
 
 def exact_top_k(queries: np.ndarray, item_chunks: Iterable[np.ndarray], k: int) -> TopK:

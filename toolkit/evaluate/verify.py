@@ -12,6 +12,7 @@ import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,9 +20,16 @@ import numpy as np
 from toolkit.backends.timing import device_call, timer_for
 from toolkit.core.errors import DcncError
 from toolkit.core.machine import MachineLoad, machine_info
+from toolkit.core.onnxio import load_onnx
 from toolkit.core.progress import StepBar
 from toolkit.evaluate import metrics
-from toolkit.evaluate.evaldata import NumericEval, RankingEval, RetrievalEval
+from toolkit.evaluate.corpus import SearchSpec, dense_codes
+from toolkit.evaluate.evaldata import (
+    CorpusEval,
+    NumericEval,
+    RankingEval,
+    RetrievalEval,
+)
 from toolkit.evaluate.gates import (
     Thresholds,
     baseline_gates,
@@ -124,18 +132,26 @@ class _Pair:
         return {f"{self.tower}/{name}": acc.result() for name, acc in self.parity.items()}
 
 
+def _embed_queries(
+    pair: _Pair, data: RetrievalEval | CorpusEval, ks: tuple[int, ...], bar: StepBar
+) -> tuple[dict[str, np.ndarray], int, tuple[int, ...]]:
+    """Both sides' query embeddings, the K searched (no more than the items) and the Ks reported."""
+    bar.advance("embedding queries")
+    query_ref, query_cand = pair.run(data.queries)
+    embedding = pair.outputs[0]
+    k_max = min(max(ks), data.num_items)
+    queries = {"reference": query_ref[embedding], "candidate": query_cand[embedding]}
+    return queries, k_max, tuple(sorted({min(k, k_max) for k in ks}))
+
+
 def evaluate_retrieval(
     pairs: dict[str, _Pair], data: RetrievalEval, ks: tuple[int, ...], item_chunk: int, bar: StepBar | None = None
 ) -> dict[str, Any]:
     """Embed queries and items on both sides, exact top-K of each side, recall@K against relevance, agreement@K."""
     bar = bar or StepBar(0, enabled=False)
-    bar.advance("embedding queries")
-    query_ref, query_cand = pairs["query"].run(data.queries)
-    embedding = pairs["query"].outputs[0]
-    k_max = min(max(ks), data.num_items)
-    ks = tuple(sorted({min(k, k_max) for k in ks}))
-    search_ref = metrics.TopKSearch(query_ref[embedding], k_max)
-    search_cand = metrics.TopKSearch(query_cand[embedding], k_max)
+    queries, k_max, ks = _embed_queries(pairs["query"], data, ks, bar)
+    search_ref = metrics.TopKSearch(queries["reference"], k_max)
+    search_cand = metrics.TopKSearch(queries["candidate"], k_max)
     item_embedding = pairs["item"].outputs[0]
     for start in range(0, data.num_items, item_chunk):
         bar.advance(f"embedding items {start:,}-{min(start + item_chunk, data.num_items):,} of {data.num_items:,}")
@@ -143,21 +159,59 @@ def evaluate_retrieval(
         search_ref.add(item_ref[item_embedding])
         search_cand.add(item_cand[item_embedding])
     top_ref, top_cand = search_ref.result(), search_cand.result()
-    recall_ref = metrics.recall_at_k(top_ref.ids, data.relevance, ks)
-    recall_cand = metrics.recall_at_k(top_cand.ids, data.relevance, ks)
-    ratio = {k: recall_cand[k] / recall_ref[k] if recall_ref[k] > 0 else float(recall_cand[k] == 0) for k in ks}
-    agreement = metrics.agreement_at_k(top_ref.ids, top_cand.ids, ks)
-    # The smallest step of the recall ratio: one hit at a query with a single relevant item.
-    judged = len(np.unique(data.relevance[:, 0]))
-    resolution = {k: 1.0 / (judged * recall_ref[k]) if recall_ref[k] > 0 else 1.0 for k in ks}
     return {
         "queries": data.num_queries,
         "items": data.num_items,
         "relevant_pairs": int(len(data.relevance)),
+        **retrieval_figures(top_ref.ids, top_cand.ids, data.relevance, ks),
+    }
+
+
+def retrieval_figures(
+    top_ref: np.ndarray, top_cand: np.ndarray, relevance: np.ndarray, ks: tuple[int, ...]
+) -> dict[str, Any]:
+    """recall@K of each side's top-K item lists against relevance, their ratio and its resolution, agreement@K."""
+    recall_ref = metrics.recall_at_k(top_ref, relevance, ks)
+    recall_cand = metrics.recall_at_k(top_cand, relevance, ks)
+    ratio = {k: recall_cand[k] / recall_ref[k] if recall_ref[k] > 0 else float(recall_cand[k] == 0) for k in ks}
+    agreement = metrics.agreement_at_k(top_ref, top_cand, ks)
+    # The step of the recall ratio one hit at a typical query makes: recall is a mean over the judged queries of
+    # hits / relevant items, so one hit at a query with the median number of relevant items moves it by
+    # 1 / (judged * median); relative to the reference's recall, that is the ratio's resolution.
+    queries, per_query = np.unique(np.unique(relevance, axis=0)[:, 0], return_counts=True)
+    step = 1.0 / (len(queries) * float(np.median(per_query)))
+    resolution = {k: step / recall_ref[k] if recall_ref[k] > 0 else 1.0 for k in ks}
+    return {
         "recall": {"reference": _by_k(recall_ref), "candidate": _by_k(recall_cand)},
         "recall_ratio": _by_k(ratio),
         "recall_ratio_resolution": _by_k(resolution),
         "agreement": _by_k(agreement),
+    }
+
+
+def evaluate_corpus_retrieval(
+    pairs: dict[str, _Pair], data: CorpusEval, ks: tuple[int, ...], bar: StepBar | None = None
+) -> dict[str, Any]:
+    """As evaluate_retrieval, over a corpus the scan runs shard by shard (here or on Ray workers): per-shard exact
+    top-K merged k-way, item parity merged into the item pair's."""
+    bar = bar or StepBar(0, enabled=False)
+    queries, k_max, ks = _embed_queries(pairs["query"], data, ks, bar)
+    relevant = np.unique(data.relevance[:, 1])
+    search = SearchSpec(queries, k_max, pairs["item"].outputs, relevant)
+    bar.advance(f"embedding and searching {data.num_items:,} corpus items")
+    found = data.scan(pairs["item"].reference, pairs["item"].candidate, search)
+    for name, accumulator in found.parity.items():
+        pairs["item"].parity[name].merge(accumulator)
+    missing = relevant[~found.relevant_seen]
+    if missing.size:
+        raise DcncError(f"relevance names item id {missing[0]}, which the corpus {data.corpus} does not hold ({missing.size} such ids)")
+    relevance, top = dense_codes(data.relevance, found.top)
+    return {
+        "queries": data.num_queries,
+        "items": found.rows,
+        "corpus": data.corpus,
+        "relevant_pairs": int(len(data.relevance)),
+        **retrieval_figures(top["reference"], top["candidate"], relevance, ks),
     }
 
 
@@ -212,7 +266,7 @@ def verify_runners(
     reference: dict[str, Runner],
     candidate: dict[str, Runner],
     output_names: dict[str, list[str]],
-    data: RetrievalEval | RankingEval | NumericEval,
+    data: RetrievalEval | RankingEval | CorpusEval | NumericEval,
     thresholds: Thresholds,
     options: VerifyOptions | None = None,
     device: str = "cpu",
@@ -223,10 +277,10 @@ def verify_runners(
 ) -> Report:
     """Compare active runners tower by tower (reference and candidate share tower names) and gate the result.
 
-    names: "reference", "candidate", "precision", "data", "emulation" shown in the report. baseline: an earlier
-    report whose latency this run must not regress beyond its own noise. timed: the runners latency is
-    measured on, when `candidate` answers through an emulation of them (default: the candidates). load: the
-    machine's at the start, recorded with the latency.
+    names: "reference", "candidate", "precision", "data", "emulation", "reference_math" shown in the report.
+    baseline: an earlier report whose latency this run must not regress beyond its own noise. timed: the runners
+    latency is measured on, when `candidate` answers through an emulation of them (default: the candidates).
+    load: the machine's at the start, recorded with the latency.
     """
     options = options or VerifyOptions()
     names = names or {}
@@ -239,11 +293,17 @@ def verify_runners(
     }
     retrieval = ranking = latency = None
     retrieving = isinstance(data, RetrievalEval)
-    steps = (1 + -(-data.num_items // options.item_chunk) if retrieving else 1) + (len(pairs) if options.latency else 0)
+    scanning = isinstance(data, CorpusEval)
+    steps = (1 + -(-data.num_items // options.item_chunk) if retrieving else 2 if scanning else 1) + (
+        len(pairs) if options.latency else 0
+    )
     with StepBar(steps, enabled=options.progress, label="verify") as bar:
         if retrieving:
             retrieval = evaluate_retrieval(pairs, data, options.ks, options.item_chunk, bar)
             latency_feeds = {"query": data.queries, "item": data.items}
+        elif scanning:
+            retrieval = evaluate_corpus_retrieval(pairs, data, options.ks, bar)
+            latency_feeds = {"query": data.queries, "item": data.scan.sample(max(options.batch_sizes))}
         elif isinstance(data, RankingEval):
             (pair,) = pairs.values()
             bar.advance("scoring the evaluation rows")
@@ -275,7 +335,26 @@ def verify_runners(
         thresholds=dataclasses.asdict(thresholds),
         data=names.get("data", ""),
         emulation=names.get("emulation"),
+        reference_math=names.get("reference_math"),
         quality_absent=data.why if isinstance(data, NumericEval) else None,
         seconds=time.perf_counter() - start,
         machine=machine_info(device),
     )
+
+
+def emulated_runners(bundle: Path, manifest: Any, device: str, towers: list[str] | None = None) -> dict[str, Runner] | None:
+    """For half-precision graphs run by ONNX Runtime's CPU provider, which casts around its missing FP16 kernels
+    and so computes in FP32 (DESIGN.md decision 1): runners over the same graphs (of `towers`, default all) under
+    half emulation, so parity and recall are those of a GPU. None for other bundles and on CUDA."""
+    from graphs.emulation import emulated_half_session
+    from toolkit.backends.ort.runner import OrtRunner
+
+    if device != "cpu" or manifest.precision not in ("fp16", "bf16") or manifest.backend not in ("ort", "ort-cuda"):
+        return None
+    return {
+        tower: OrtRunner(
+            emulated_half_session(load_onnx(Path(bundle) / entry.onnx), manifest.precision),
+            name=f"emulated-{manifest.precision}:{tower}", batch_range=manifest.batch_range(),
+        )
+        for tower, entry in manifest.towers.items() if towers is None or tower in towers
+    }

@@ -99,6 +99,20 @@ class LoadedModel:
         return {n: self.towers[n] for n in dict.fromkeys(names)}
 
 
+class SignedTower(nn.Module):
+    """A loaded tower as TorchRunner takes it: the user's module with the signature loading found for it
+    (a factory's module need not carry `input_specs` itself)."""
+
+    def __init__(self, tower: Any) -> None:
+        super().__init__()
+        self.inner = tower.module
+        self.input_specs = tower.input_specs
+        self.output_names = list(tower.output_names)
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.inner(*inputs)
+
+
 def load_model(ref: str, inputs: list[str] | None = None, weights: str | None = None) -> LoadedModel:
     """Load MODEL as `dcnc export` takes it.
 

@@ -147,6 +147,9 @@ def _speedup_charts(reports: dict[str, dict[str, Any]]) -> str:
             band = [(b, *e["ci"]) for b, e in judged if isinstance(e.get("ci"), list) and len(e["ci"]) == 2]
             series.append(Series(name, points, PALETTE[i % len(PALETTE)], band))
         batches = sorted({p[0] for s in series for p in s.points})
+        if not batches:
+            charts.append(f'<p class="note">{escape(tower)}: no speedup to draw: every figure was inconclusive.</p>')
+            continue
         charts.append(line_chart(series, f"{tower}: speedup over the reference", "batch size",
                                  "median of paired ratios", x_log=True, y_log=True, x_ticks=batches))
     return f'<div class="charts">{"".join(charts)}</div>' if charts else ""
@@ -312,8 +315,9 @@ def _target(index: int, name: str, report: dict[str, Any]) -> str:
     took = f"; verified in {seconds:.1f} s" if usable(seconds) else ""
     parts = [f'<section id="target-{index}"><h2>{escape(name)} {_badge(report.get("passed"))}</h2>',
              f"<p>{facts}{took}.</p>" if facts else ""]
-    if report.get("emulation"):
-        parts.append(f'<p class="note">Note: {escape(str(report["emulation"]))}.</p>')
+    for key in ("reference_math", "emulation"):
+        if report.get(key):
+            parts.append(f'<p class="note">Note: {escape(str(report[key]))}.</p>')
     if report.get("quality_absent"):
         parts.append(f'<p class="note">Quality not measured: {escape(str(report["quality_absent"]))}.</p>')
     parts += [_gates(report), _parity(report)]

@@ -29,6 +29,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "device": report.device,
         "data": report.data,
         "emulation": report.emulation,
+        "reference_math": report.reference_math,
         "quality_absent": report.quality_absent,
         "gates": [g.to_json() for g in report.gates],
         "thresholds": report.thresholds,
@@ -161,7 +162,7 @@ def markdown(report: Report) -> str:
         f"Reference `{report.reference}`, candidate `{report.candidate}` ({report.precision}, {report.device}), "
         f"data `{report.data}`, {report.seconds:.1f} s on {report.machine.get('host', '?')} "
         f"({report.machine.get('processor', '?')}, {report.machine.get('cpu_count', '?')} cores).",
-        *([f"> Note: {report.emulation}."] if report.emulation else []),
+        *(f"> Note: {note}." for note in (report.reference_math, report.emulation) if note),
         *([f"> Quality not measured: {report.quality_absent}."] if report.quality_absent else []),
         "## Gates",
         _md_table(("gate", "value", "threshold", "result"), _gate_rows(report)),
@@ -238,8 +239,9 @@ def print_summary(report: Report, console: Console) -> None:
             console.print(table("Branches (ORT CPU)", BRANCH_HEADER, _branch_rows(report)))
     if report.retrieval is not None and report.latency:
         console.print(f"trade-off: {tradeoff(report)}", highlight=False)
-    if report.emulation:
-        console.print(f"[yellow]note:[/yellow] {report.emulation}", highlight=False)
+    for note in (report.reference_math, report.emulation):
+        if note:
+            console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if report.quality_absent:
         console.print(f"[yellow]quality not measured:[/yellow] {report.quality_absent}", highlight=False)
     for warning in report.warnings:
