@@ -240,7 +240,10 @@ def embed(
 
 
 # --- dcnc build -----------------------------------------------------------------------------------------------
-@app.command()
+BUILD_EPILOG = """int8 on CPU (--backend ort): the calibration rows are split in half; the tower is calibrated on one half (outlier smoothing folded into its weights, 8-bit weights on VNNI/AMX) and judged on the other by the FP32 vs INT8 agreement of what it exists for. The cross layers run on uint8 when that meets --min-agreement, else in float, then layers are kept FP32 (most sensitive first) until it is met; build prints every point tried with its measured speed, and manifest.json keeps them. Examples: `dcnc build runs/export -o runs/int8 --precision int8 --calib runs/example` (default target 0.99); `... --min-agreement 0` (plain INT8, fastest); `... --int8-isa avx2` (build on a VNNI machine for AVX2 servers)."""
+
+
+@app.command(epilog=BUILD_EPILOG)
 @user_errors
 def build(
     model: str = typer.Argument(..., help="An exported tower .onnx, or a directory of <tower>.onnx (one bundle entry each)."),
@@ -252,6 +255,8 @@ def build(
     calib_samples: int = typer.Option(None, "--calib-samples", help="Draw this many calibration rows (seeded, deterministic); default all."),
     int8_target: str = typer.Option(None, "--int8-target", help="int8 number formats: cpu (uint8 activations, int8 weights: integer Gemm kernels) or tensorrt (symmetric int8, per-channel weights). Default: tensorrt for --backend tensorrt, else cpu; build a tensorrt-target graph with --backend ort to check on CPU what the GPU will run."),
     keep_fp32: list[str] = typer.Option(None, "--keep-fp32", help="int8: leave this node in float (repeatable), e.g. the keep_fp32 list of `dcnc calibrate --eval`'s sensitivity.json."),
+    int8_isa: str = typer.Option(None, "--int8-isa", help="cpu int8: the CPU level to build for, avx2, avx512, avx-vnni, avx512-vnni or amx (default: this CPU's). VNNI and AMX keep 8-bit weights; below, 7 bits (their u8 x s8 kernel sums products in int16). Recorded in the manifest; verify warns on another CPU."),
+    min_agreement: float = typer.Option(None, "--min-agreement", help="cpu int8 (default 0.99): held-out agreement to meet (agreement@100 of each held-out calibration row's nearest neighbours for an embedding tower, the share of score pairs in the same order for a scoring tower; a bundle's n embedding towers each get 1/n of 1 - this). Fewest layers kept FP32 to meet it; refused with the best point when it cannot be met. 0: plain INT8, nothing kept FP32."),
     batch: str = typer.Option("1:256:4096", "--batch", help="Batch profile MIN:OPT:MAX (or one N); TensorRT builds for it, runners refuse batches outside it."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output (rebuild it)."),
     threads: int = typer.Option(None, "--threads", help="ORT intra-op threads (default: the cores this process may use)."),
@@ -282,7 +287,8 @@ def build(
             device_id=device_id, cuda_graph=cuda_graph, allow_tf32=allow_tf32,
         ),
         save_optimized=save_optimized, timing_cache=timing_cache, int8_target=int8_target,
-        calib_method=calib_method, calib_samples=calib_samples, keep_fp32=tuple(keep_fp32 or ()),
+        calib_method=calib_method, calib_samples=calib_samples, keep_fp32=tuple(keep_fp32 or ()), int8_isa=int8_isa,
+        min_agreement=min_agreement, progress=lambda line: console.print(f"  {line}", highlight=False),
     )
     towers = ", ".join(manifest.towers)
     print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {batch}")
@@ -291,6 +297,8 @@ def build(
     for tower, entry in manifest.towers.items():
         if entry.lowering:
             print(f"  {tower}: {entry.lowering.summary()}")
+            for line in getattr(entry.lowering, "curve", lambda: [])():
+                print(f"    {line}")
 
 
 @app.command()

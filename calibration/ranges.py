@@ -37,20 +37,23 @@ Range = tuple[float, float]
 
 @dataclass
 class RangeSet:
-    """Per activation tensor: the observed [min, max] and the range the method chose (clipped or not)."""
+    """Per activation tensor: the observed [min, max], the range the method chose (clipped or not) and the
+    fraction of calibration values outside that range (0 for minmax)."""
 
     method: str
     minmax: dict[str, Range] = field(default_factory=dict)
     calibrated: dict[str, Range] = field(default_factory=dict)
+    clipped: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "method": self.method,
             "tensors": {
-                name: {"minmax": list(self.minmax[name]), "calibrated": list(self.calibrated[name])}
+                name: {"minmax": list(self.minmax[name]), "calibrated": list(self.calibrated[name]),
+                       "clipped": self.clipped.get(name, 0.0)}
                 for name in sorted(self.minmax)
             },
-        }
+        }  # fmt: skip
 
     def peaks(self) -> dict[str, float]:
         """The largest |value| each tensor took on the calibration data (what half lowering keeps in range)."""
@@ -63,6 +66,7 @@ class RangeSet:
             method=data["method"],
             minmax={n: (float(t["minmax"][0]), float(t["minmax"][1])) for n, t in tensors.items()},
             calibrated={n: (float(t["calibrated"][0]), float(t["calibrated"][1])) for n, t in tensors.items()},
+            clipped={n: float(t.get("clipped", 0.0)) for n, t in tensors.items()},
         )
 
 
@@ -119,18 +123,20 @@ def collect_ranges(
             raise DcncError("calibration data is empty: no batch reached the graph")
         minmax = {n: (low[n], high[n]) for n in tensors}
         if method == "minmax":
-            return RangeSet(method, minmax, dict(minmax))
+            return RangeSet(method, minmax, dict(minmax), dict.fromkeys(tensors, 0.0))
         amax = {n: max(abs(low[n]), abs(high[n])) for n in tensors}
         histograms = {n: np.zeros(num_bins, dtype=np.int64) for n in tensors}
+        counts = dict.fromkeys(tensors, 0)
         for outputs in _run(session, tensors, batches(), bar):
             for name, value in outputs.items():
+                counts[name] += value.size
                 magnitudes = np.abs(value[value != 0])  # exact zeros quantize exactly: they must not pull T down
                 if amax[name] > 0 and magnitudes.size:
                     histograms[name] += np.histogram(magnitudes, bins=num_bins, range=(0.0, amax[name]))[0]
-    calibrated = {}
+    calibrated, clipped = {}, {}
     for name in tensors:
         if amax[name] == 0 or not histograms[name].any():
-            calibrated[name] = minmax[name]
+            calibrated[name], clipped[name] = minmax[name], 0.0
             continue
         edges = np.linspace(0.0, amax[name], num_bins + 1)
         if method == "entropy":
@@ -138,7 +144,60 @@ def collect_ranges(
         else:
             threshold = percentile_threshold(histograms[name], edges, percentile)
         calibrated[name] = (max(low[name], -threshold), min(high[name], threshold))
-    return RangeSet(method, minmax, calibrated)
+        # thresholds are bin edges: the bins at or above one hold exactly the clipped values
+        clipped[name] = float(histograms[name][edges[:-1] >= threshold].sum() / max(counts[name], 1))
+    return RangeSet(method, minmax, calibrated, clipped)
+
+
+@dataclass
+class ChannelStats:
+    """Per channel (the last axis) of some float tensors: min and max over the calibration data, and the first
+    rows of each (flattened to [rows, channels]) to try quantization choices on."""
+
+    low: dict[str, np.ndarray]
+    high: dict[str, np.ndarray]
+    rows: dict[str, np.ndarray]
+
+    def peak(self, name: str) -> np.ndarray:
+        return np.maximum(np.abs(self.low[name]), np.abs(self.high[name]))
+
+
+def channel_stats(model, tensors: list[str], batches, sample_rows: int = 1024) -> ChannelStats:
+    """ChannelStats of the named float tensors of `model` over the calibration data (what outlier smoothing
+    balances). batches: a zero-argument callable returning feed dicts."""
+    session = _tapped_session(model, tensors)
+    stats = ChannelStats({}, {}, {})
+    for outputs in _run(session, tensors, batches(), StepBar(None, enabled=False)):
+        for name, value in outputs.items():
+            if not value.size:
+                continue
+            flat = value.reshape(-1, value.shape[-1])
+            low, high = flat.min(axis=0), flat.max(axis=0)
+            if name in stats.low:
+                stats.low[name], stats.high[name] = np.minimum(stats.low[name], low), np.maximum(stats.high[name], high)
+                missing = sample_rows - len(stats.rows[name])
+                if missing > 0:
+                    stats.rows[name] = np.concatenate([stats.rows[name], flat[:missing]])
+            else:
+                stats.low[name], stats.high[name], stats.rows[name] = low, high, flat[:sample_rows].copy()
+    if len(stats.low) != len(tensors):
+        raise DcncError("calibration data is empty: no batch reached the graph")
+    return stats
+
+
+def channel_means(model, tensors: list[str], batches) -> dict[str, np.ndarray]:
+    """Per channel (the last axis) of each named float tensor of `model`, its mean over the calibration data."""
+    session = _tapped_session(model, tensors)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for outputs in _run(session, tensors, batches(), StepBar(None, enabled=False)):
+        for name, value in outputs.items():
+            flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            sums[name] = sums.get(name, 0.0) + flat.sum(axis=0)
+            counts[name] = counts.get(name, 0) + len(flat)
+    if len(sums) != len(tensors):
+        raise DcncError("calibration data is empty: no batch reached the graph")
+    return {name: sums[name] / max(counts[name], 1) for name in tensors}
 
 
 def entropy_threshold(hist: np.ndarray, edges: np.ndarray, levels: int = QUANTIZED_LEVELS) -> float:

@@ -124,6 +124,26 @@ def subsample(arrays: dict[str, np.ndarray], samples: int | None, seed: int) -> 
     return {name: array[keep] for name, array in arrays.items()}
 
 
+def hold_out(data: CalibrationData, fraction: float, seed: int = 0) -> tuple[CalibrationData, dict[str, np.ndarray]]:
+    """Split calibration rows (seeded) into rows to calibrate on and `fraction` of them held out to judge the
+    lowering on; held-out duplicates (the same inputs drawn twice, common when rows are interactions) are
+    dropped, so no row is its own neighbour. Raises DcncError when fewer than 2 distinct rows are held out."""
+    if not 0.0 < fraction < 1.0:
+        raise DcncError(f"held-out fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(data.num_samples)
+    cut = int(round(data.num_samples * fraction))
+    held, kept = np.sort(order[:cut]), np.sort(order[cut:])
+    rows = {name: array[held] for name, array in data.arrays.items()}
+    blob = np.concatenate([np.ascontiguousarray(rows[n]).reshape(len(held), -1).view(np.uint8) for n in sorted(rows)],
+                          axis=1)  # fmt: skip
+    distinct = np.sort(np.unique(blob, axis=0, return_index=True)[1]) if len(held) else np.array([], int)
+    if len(distinct) < 2 or len(kept) < 1:
+        raise DcncError(f"calibration data: {data.num_samples} rows hold out {len(distinct)} distinct row(s);"
+                        " the held-out agreement needs at least 2 (pass more calibration rows)")  # fmt: skip
+    fit = CalibrationData({name: array[kept] for name, array in data.arrays.items()}, data.batch_size, data.source)
+    return fit, {name: array[distinct] for name, array in rows.items()}
+
+
 def _from_npy(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
     if len(specs) != 1:
         names = [s.name for s in specs]

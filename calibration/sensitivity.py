@@ -100,6 +100,30 @@ def group_units(model, nodes: list[str], granularity: str) -> dict[str, list[str
     return units
 
 
+def keep_in_order(units: list[str], measure: Callable[[list[str]], float], target: float,
+                  say: Callable[[str], None] | None = None, keep_all: bool = True) -> tuple[list[tuple[list[str], float]], dict[str, float]]:  # fmt: skip
+    """The curve of units kept FP32: measure(kept) with none kept, then (when that misses `target`) with each unit
+    alone kept (its leave-one-out recovery), then units kept best recovery first until measure reaches `target`.
+    Returns [(kept, value)] from none kept on, and each unit's recovery. keep_all=False stops one unit short
+    of keeping every unit (that would be no INT8 at all)."""
+    say = say or (lambda line: None)
+    curve = [([], measure([]))]
+    say(f"all {len(units)} unit(s) int8: {curve[0][1]:.4f}")
+    recovery: dict[str, float] = {}
+    if curve[0][1] >= target:
+        return curve, recovery
+    for unit in units:
+        recovery[unit] = measure([unit])
+        say(f"  {unit} kept fp32: {recovery[unit]:.4f}")
+    order = sorted(units, key=lambda u: -recovery[u])
+    for count in range(1, len(order) + (1 if keep_all else 0)):
+        curve.append((order[:count], measure(order[:count])))
+        say(f"keep {count} fp32: {curve[-1][1]:.4f}")
+        if curve[-1][1] >= target:
+            break
+    return curve, recovery
+
+
 def sensitivity(
     model,
     ranges: RangeSet,
@@ -136,21 +160,18 @@ def sensitivity(
         return metric(reference, session.run(None, eval_feeds)[0]), session
 
     report = SensitivityReport(metric_name, fp32_metric, min_metric_ratio, granularity, units, {})
-    all_int8, session = measure([])
-    say(f"all {len(units)} {granularity}(s) int8: {metric_name} ratio {all_int8 / fp32_metric:.4f}")
-    points = [([], all_int8, session)]
-    if all_int8 / fp32_metric < min_metric_ratio:
-        for unit in units:
-            report.recovery[unit] = measure([unit])[0]
-            say(f"  {unit} kept fp32: ratio {report.recovery[unit] / fp32_metric:.4f}")
-        order = sorted(units, key=lambda u: -report.recovery[u])
-        for count in range(1, len(order) + 1):
-            kept = order[:count]
-            value, session = measure(kept) if count < len(order) else (fp32_metric, fp32_session)
-            points.append((kept, value, session))
-            say(f"keep {count} fp32: ratio {value / fp32_metric:.4f}")
-            if value / fp32_metric >= min_metric_ratio:
-                break
+    sessions: dict[tuple, object] = {}
+
+    def ratio(kept: list[str]) -> float:
+        if set(kept) == set(units):  # every unit kept: the FP32 graph itself
+            sessions[tuple(kept)] = fp32_session
+            return 1.0
+        value, sessions[tuple(kept)] = measure(kept)
+        return value / fp32_metric
+
+    curve, report.recovery = keep_in_order(list(units), ratio, min_metric_ratio, say)
+    report.recovery = {unit: value * fp32_metric for unit, value in report.recovery.items()}
+    points = [(kept, value * fp32_metric, sessions[tuple(kept)]) for kept, value in curve]
     latencies = _latencies(fp32_session, [p[2] for p in points], eval_feeds) if time_latency else None
     if latencies is not None:
         report.fp32_latency_ms = latencies[0]

@@ -1,297 +1,342 @@
-"""Benchmark (not a test): the trained example two-tower as FP32 and INT8 ONNX Runtime CPU bundles, beside the
-counting that bounds what INT8 can gain on this machine.
+"""Benchmark (not a test): each INT8 lever on CPU alone and combined, and `dcnc build`'s default, on every model of
+issue 15, with the counting that bounds the compute-bound tower's speedup (scripts/int8_counting.py). Its
+tables are the ones in docs/int8.md.
 
-Counting first (DESIGN.md, "Method for performance work"), at --batch (default 4096):
-- FLOPs per sample of each tower (graphs.inspect) and the share of the FP32 bundle's time spent in Gemm/MatMul
-  (onnxruntime's profiler, kernel time summed by op type, median over runs);
-- the machine's MatMul peaks in onnxruntime: a large FP32 MatMul against its U8S8 MatMulInteger form, and the
-  tower's own Gemm shapes alone, FP32 Gemm against U8S8 QGemm (uint8 out, as the INT8 graph runs them);
-- the Amdahl bound on INT8's speedup, 1 / ((1 - p) + p / r): p the Gemm share of FP32 time, r the U8S8 / FP32
-  time ratio of those Gemms, everything else assumed to cost what it costs in FP32.
-Then what the INT8 graph runs after onnxruntime's fusions (op counts, time outside QGemm), and per candidate
-recall@100 of the two-tower against FP32 and latency: INT8 (the bundle `dcnc build --precision int8` writes),
-INT8 with embedding tables quantized, INT8 with the layers sensitivity analysis keeps in FP32 for
---min-metric-ratio, and onnxruntime's dynamic quantization (MatMulInteger, activations quantized at run time).
+Models: the example two-tower and ranker (`dcnc train`), the MovieLens-100K two-tower and ranker (`dcnc train
+--dataset movielens`), a random zoo tower of each cross kind (tests/zoo.py, the retrieval family's query tower),
+and a compute-bound parallel tower (x0 512 wide: twelve 32-d id features beside 128 dense floats; MLP
+1024-512-256, 3 full-rank cross layers, 128-d output: 17 GFLOP per batch of 4096) with random weights and
+random-but-realistic inputs (Zipf ids, standardised log-normal dense features).
 
-    .venv/bin/python scripts/bench_int8.py runs/example [--method minmax] [--repeats 3] [--iterations 30]
+Levers (`base` is what `dcnc build --precision int8` did before issue 15: 7-bit weights, uint8 cross layers):
+R 8-bit weights (the VNNI / AMX ISA level); F the cross layers' product and residual in float, each Gemm reading
+its own Q/DQ copy (against QLinearMul / QLinearAdd); S outlier smoothing; B bias correction; entropy /
+percentile calibration (minmax otherwise); M layers kept FP32 for held-out agreement >= --target (calibration.
+search on that recipe alone); `default` is `dcnc build`'s own lowering (toolkit.commands.int8_search).
 
-Timing: every candidate and FP32 run interleaved (the order rotating each round), --repeats times; each repeat
-gives a median, the speedup is reported per repeat (the machine is shared: ratios within a repeat hold, absolute
-times drift). Sessions are created with intra-op spinning off: timed in turn, an idle session's spinning threads
-steal the cores from the one being timed (on 2 cores that distorted FP32 vs INT8 by up to 10x).
+Quality (deterministic): each tower's calibration rows split as `dcnc build` splits them (calibration.reader.
+hold_out); held-out agreement@10/@100 of each row's nearest neighbours among the others (embedding towers) or
+the share of score pairs in the same order (rankers); two-towers also agreement@K and recall@100 ratio on their
+eval split (both towers INT8), rankers AUC and log-loss deltas. Speed: INT8 / FP32 time ratio at batch 64 and
+4096, all of a tower's graphs interleaved in one run, medians; the load average before and after.
+
+    .venv/bin/python scripts/bench_int8.py --example runs/example --movielens runs/ml --out runs/int8_levers.json
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import tempfile
+import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-GEMM_OPS = ("Gemm", "FusedGemm", "MatMul", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
-            "DynamicQuantizeMatMul")  # fmt: skip
-PEAK_SHAPE = (4096, 1024, 1024)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/zoo.py, the zoo towers
+
+from int8_counting import counting, session  # noqa: E402
+
+from calibration.int8 import Int8Lowerer, Int8Recipe  # noqa: E402
+from calibration.reader import CalibrationData, hold_out  # noqa: E402
+from calibration.search import HELD_OUT_FRACTION, search_precision  # noqa: E402
+from toolkit.commands.int8_search import DEFAULT_MIN_AGREEMENT, searched_int8  # noqa: E402
+from toolkit.core.errors import DcncError  # noqa: E402
+from toolkit.core.onnxio import graph_inputs, graph_outputs  # noqa: E402
+from toolkit.evaluate import metrics  # noqa: E402
+from toolkit.evaluate.task_metrics import held_out_metric  # noqa: E402
+
+BATCHES = (64, 4096)
 
 
-def session(model, profile_prefix: str | None = None, optimized: Path | None = None):
-    """A CPU session as the bundle opens it (sequential, intra-op threads = cores), spinning off."""
-    from toolkit.backends.ort.loader import ort_session
+@dataclass(frozen=True)
+class Variant:
+    """One combination of levers: the ISA level (R: a VNNI one), the recipe, the calibration method, and M."""
 
-    return ort_session(model, spinning=False, optimized_model_path=optimized, profile_prefix=profile_prefix)
-
-
-def op_profiles(models: dict, feeds: dict, runs: int, folder: Path) -> dict[str, dict[str, float]]:
-    """Kernel milliseconds per run of each op type of each model, from onnxruntime's profiler, the models run
-    interleaved; each op type's fastest run (the least disturbed by other processes on a shared machine), plus
-    `total` and `gemm`, their sums over all ops and over Gemm-like ops."""
-    timed = {name: session(model, profile_prefix=str(folder / f"profile-{name}")) for name, model in models.items()}
-    for _ in range(3 + runs):
-        for sess in timed.values():
-            sess.run(None, feeds)
-    profiles = {}
-    for name, sess in timed.items():
-        events = json.loads(Path(sess.end_profiling()).read_text())
-        starts = [e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][-runs:]
-        per_op: dict[str, np.ndarray] = collections.defaultdict(lambda: np.zeros(runs))
-        for event in events:
-            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= starts[0]:
-                run = int(np.searchsorted(starts, event["ts"], side="right")) - 1
-                per_op[event["args"]["op_name"]][run] += event["dur"] / 1e3
-        profile = {op: float(ms.min()) for op, ms in per_op.items()}
-        profile["gemm"] = sum(ms for op, ms in profile.items() if op in GEMM_OPS)
-        profile["total"] = sum(ms for op, ms in profile.items() if op != "gemm")
-        profiles[name] = profile
-    return profiles
+    name: str
+    isa: str = "avx2"
+    recipe: Int8Recipe = Int8Recipe("integer", smooth=False)
+    method: str = "minmax"
+    search: bool = False
 
 
-def _graph(nodes, inputs, outputs, initializers):
-    from onnx import helper
-
-    graph = helper.make_graph(nodes, "bench", inputs, outputs, initializers)
-    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_model(graph, opset_imports=opsets)
+def _recipe(path: str = "integer", smooth: bool = False, bias: bool = False) -> Int8Recipe:
+    return Int8Recipe(path, smooth, bias)
 
 
-def _time_pair(fp32, int8, iterations: int) -> tuple[float, float]:
-    """Fastest ms of each side, timed interleaved (a peak is the best the machine does)."""
+VNNI = "avx512-vnni"
+DEFAULTS = {"default": None, "default avx2": "avx2"}  # `dcnc build`'s lowering: this CPU's level, and --int8-isa avx2
+VARIANTS = [
+    Variant("base"),
+    Variant("R", VNNI),
+    Variant("F", recipe=_recipe("float")),
+    Variant("S", recipe=_recipe(smooth=True)),
+    Variant("B", recipe=_recipe(bias=True)),
+    Variant("entropy", method="entropy"),
+    Variant("percentile", method="percentile"),
+    Variant("R+S", VNNI, _recipe(smooth=True)),
+    Variant("R+F", VNNI, _recipe("float")),
+    Variant("R+F+S", VNNI, _recipe("float", True)),
+    Variant("R+S+B", VNNI, _recipe(smooth=True, bias=True)),
+    Variant("R+F+S+B", VNNI, _recipe("float", True, True)),
+    Variant("R+S percentile", VNNI, _recipe(smooth=True), "percentile"),
+    Variant("R+F+S percentile", VNNI, _recipe("float", True), "percentile"),
+    Variant("R+F+S entropy", VNNI, _recipe("float", True), "entropy"),
+    Variant("R+S+M", VNNI, _recipe(smooth=True), search=True),
+    Variant("R+F+S+M", VNNI, _recipe("float", True), search=True),
+]
+
+
+@dataclass
+class Tower:
+    """One tower graph, its calibration rows split as `dcnc build` splits them, and rows to time."""
+
+    name: str
+    model: object  # onnx.ModelProto, FP32
+    rows: CalibrationData
+    fit: CalibrationData
+    held_out: dict[str, np.ndarray]
+    timing: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # batch -> feeds
+
+    @classmethod
+    def split(cls, name: str, model, rows: dict[str, np.ndarray]) -> Tower:
+        fit, held_out = hold_out(CalibrationData(rows), HELD_OUT_FRACTION)
+        draw, count = np.random.default_rng(1), len(next(iter(rows.values())))
+        timing = {b: {k: v[draw.integers(0, count, b)] for k, v in rows.items()} for b in BATCHES}
+        return cls(name, model, CalibrationData(rows), fit, held_out, timing)
+
+
+@dataclass
+class Subject:
+    """A model under test: its towers and, where it has one, its eval split."""
+
+    name: str
+    towers: dict[str, Tower]
+    retrieval: dict | None = None  # query/<input>, item/<input>, relevance
+    ranking: dict | None = None  # <input>..., label
+    timed: bool = True
+
+
+# --- models -------------------------------------------------------------------------------------------------
+def exported(module):
+    from graphs.export import tower_to_onnx
+    from graphs.passes.manager import run_passes
+    from toolkit.model.loading import LoadedTower
+
+    return run_passes(tower_to_onnx(LoadedTower("tower", module.eval(), list(module.input_specs),
+                                                list(module.output_names))))[0]  # fmt: skip
+
+
+def trained(folder: Path, label: str) -> list[Subject]:
+    """The two-tower and ranker `dcnc train` wrote into `folder`."""
+    from toolkit.model.loading import load_model
+
+    two_tower = load_model(str(folder / "two_tower.pt"))
+    towers = {t: Tower.split(t, exported(tw.module), dict(np.load(folder / f"{t}_calib.npz")))
+              for t, tw in two_tower.towers.items()}  # fmt: skip
+    ranker = exported(load_model(str(folder / "ranker.pt")).towers["ranker"].module)
+    return [
+        Subject(f"{label} two-tower", towers, retrieval=dict(np.load(folder / "two_tower_eval.npz"))),
+        Subject(f"{label} ranker", {"ranker": Tower.split("ranker", ranker, dict(np.load(folder / "ranker_calib.npz")))},
+                ranking=dict(np.load(folder / "ranker_eval.npz"))),
+    ]  # fmt: skip
+
+
+def random_rows(model, rows: int, seed: int) -> dict[str, np.ndarray]:
+    """Zipf-distributed ids (a random order of each table's rows), standardised log-normal dense features."""
+    tables = {init.name: init.dims[0] for init in model.graph.initializer if len(init.dims) == 2}
+    lookups = {n.input[1]: tables[n.input[0]] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in graph_inputs(model):
+        shape = spec.concrete_shape(rows)
+        if spec.dtype.startswith("int"):
+            high = lookups[spec.name]
+            feeds[spec.name] = rng.permutation(high)[np.minimum(rng.zipf(1.1, shape) - 1, high - 1)].astype(spec.dtype)
+        else:
+            raw = np.log1p(rng.lognormal(0.0, rng.uniform(0.5, 1.5, shape[-1]), shape))
+            feeds[spec.name] = ((raw - raw.mean(axis=0)) / raw.std(axis=0)).astype(spec.dtype)
+    return feeds
+
+
+def compute_bound_spec():
+    from toolkit.model.spec import CrossSpec, DenseFeature, SparseFeature, TowerSpec
+
+    return TowerSpec(sparse=[SparseFeature(f"id_{i}", cardinality=10_000, dim=32) for i in range(12)],
+                     dense=[DenseFeature("dense", dim=128)], cross=CrossSpec("full", layers=3),
+                     deep=[1024, 512, 256], structure="parallel", out_dim=128)  # fmt: skip
+
+
+def synthetic() -> list[Subject]:
+    """The compute-bound tower and one zoo tower per cross kind, random weights and inputs."""
+    import torch
+    import zoo
+
+    from toolkit.model.zoo.cross import CROSS_KINDS
+    from toolkit.model.zoo.families import RetrievalTower
+
+    torch.manual_seed(0)
+    big = exported(RetrievalTower(compute_bound_spec()))
+    subjects = [Subject("compute-bound tower", {"tower": Tower.split("tower", big, random_rows(big, 2048, 0))})]
+    for kind in CROSS_KINDS:
+        model = exported(zoo.zoo_model("retrieval", kind)[0].towers()["query"])
+        subjects.append(Subject(f"zoo {kind}", {"query": Tower.split("query", model, random_rows(model, 2048, 0))},
+                                timed=False))  # fmt: skip
+    return subjects
+
+
+# --- lowering and measuring ---------------------------------------------------------------------------------
+def lower(subject: Subject, variant: Variant, target: float) -> tuple[dict, dict]:
+    """Per tower: the variant's INT8 graph, and its search curve (for searched variants)."""
+    graphs, curves = {}, {}
+    embedding = sum(len(graph_outputs(tw.model)[0].shape) == 2 and graph_outputs(tw.model)[0].shape[1] != 1
+                    for tw in subject.towers.values())  # fmt: skip
+    for name, tw in subject.towers.items():
+        if variant.name.startswith("default"):  # exactly what `dcnc build --precision int8 [--int8-isa]` does
+            graphs[name], record = searched_int8(tw.model, tw.rows, name, isa=DEFAULTS[variant.name],
+                                                 min_agreement=target, embedding_towers=embedding, timing_batch=256)  # fmt: skip
+            curves[name] = record.search
+            continue
+        lowerer = Int8Lowerer(tw.model, tw.fit, "cpu", variant.method, isa=variant.isa)
+        if variant.search:
+            metric, key = held_out_metric(list(graph_outputs(tw.model)[0].shape))
+            share = embedding if key.startswith("agreement") else 1
+            graphs[name], *_, search = search_precision(lowerer, tw.held_out, metric, key, 1 - (1 - target) / share,
+                                                        ladder=(variant.recipe,))  # fmt: skip
+            curves[name] = search.to_dict()
+        else:
+            graphs[name] = lowerer.lower(variant.recipe)[0]
+    return graphs, curves
+
+
+def held_out_agreement(tower: Tower, reference: np.ndarray, model) -> dict[str, float]:
+    metric, _ = held_out_metric(list(graph_outputs(tower.model)[0].shape))
+    return metric(reference, session(model).run(None, tower.held_out)[0])
+
+
+def evaluate(subject: Subject, graphs: dict, reference: dict | None = None) -> dict:
+    """Eval-split metrics of a variant (both towers of a two-tower lowered alike); with `reference` (FP32's
+    result), agreement@K and recall ratio, or AUC and log-loss deltas, against it."""
+    if subject.retrieval is not None:
+        data = subject.retrieval
+        side = {t: {k.split("/", 1)[1]: v for k, v in data.items() if k.startswith(f"{t}/")} for t in ("query", "item")}
+        emb = {t: session(graphs[t]).run(None, side[t])[0] for t in ("query", "item")}
+        top = metrics.exact_top_k(emb["query"], [emb["item"]], 100).ids
+        recall = metrics.recall_at_k(top, data["relevance"], [100])[100]
+        if reference is None:
+            return {"top": top, "recall@100": recall}
+        agreement = metrics.agreement_at_k(reference["top"], top, (1, 10, 100))
+        return {f"agreement@{k}": v for k, v in agreement.items()} | {"recall@100 ratio": recall / reference["recall@100"]}
+    if subject.ranking is not None:
+        data = dict(subject.ranking)
+        labels = data.pop("label")
+        logits = session(graphs["ranker"]).run(None, data)[0]
+        auc, logloss = metrics.auc(labels, logits), metrics.logloss(labels, logits)
+        if reference is None:
+            return {"auc": auc, "logloss": logloss}
+        return {"auc delta": auc - reference["auc"], "logloss delta": logloss - reference["logloss"]}
+    return {}
+
+
+def speed(subject: Subject, models: dict[str, dict], iterations: dict[int, int]) -> dict:
+    """Per tower and batch: FP32 median ms and each variant's speedup, FP32 / INT8 medians and (`<v> fastest`)
+    fastest / fastest, one interleaved run."""
     from toolkit.backends.timing import time_interleaved
 
-    (a, feeds_a), (b, feeds_b) = fp32, int8
-    samples = time_interleaved({"fp32": lambda: a.run(None, feeds_a), "int8": lambda: b.run(None, feeds_b)},
-                               warmup=2, iterations=iterations)  # fmt: skip
-    return float(samples["fp32"].min()), float(samples["int8"].min())
+    result = {}
+    for name, tw in subject.towers.items():
+        sessions = {"fp32": session(tw.model)} | {v: session(g[name]) for v, g in models.items()}
+        for batch, feeds in tw.timing.items():
+            samples = time_interleaved({v: (lambda s=s, f=feeds: s.run(None, f)) for v, s in sessions.items()},
+                                       warmup=3, iterations=iterations[batch])  # fmt: skip
+            medians = {v: float(np.median(s)) for v, s in samples.items()}
+            fastest = {v: float(np.min(s)) for v, s in samples.items()}  # the least disturbed run of each
+            result[f"{name}@{batch}"] = {"fp32_ms": medians["fp32"]} | {v: medians["fp32"] / medians[v] for v in models}
+            result[f"{name}@{batch}"] |= {f"{v} fastest": fastest["fp32"] / fastest[v] for v in models}
+    return result
 
 
-def matmul_peak(m: int, k: int, n: int, iterations: int = 8) -> tuple[float, float]:
-    """(FP32 GFLOP/s, U8S8 GOP/s) of one [m,k]x[k,n] MatMul in onnxruntime: MatMul vs MatMulInteger."""
-    from onnx import TensorProto, helper, numpy_helper
+def clipping(tower: Tower) -> dict[str, list[dict]]:
+    """Per calibration method: each Gemm input's chosen range, observed min/max and share of values clipped (the
+    unsmoothed graph, as `--calib-method` calibrates it)."""
+    from calibration.int8 import gemm_input_ranges
 
-    rng = np.random.default_rng(0)
-    fp32 = _graph([helper.make_node("MatMul", ["a", "w"], ["y"])],
-                  [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-                  [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")])  # fmt: skip
-    u8s8 = _graph([helper.make_node("MatMulInteger", ["a", "w", "a_zero"], ["y"])],
-                  [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
-                  [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
-                  [numpy_helper.from_array(rng.integers(-63, 64, (k, n)).astype(np.int8), "w"),
-                   numpy_helper.from_array(np.array(128, np.uint8), "a_zero")])  # fmt: skip
-    a = rng.standard_normal((m, k)).astype(np.float32)
-    a8 = rng.integers(0, 256, (m, k)).astype(np.uint8)
-    f, q = _time_pair((session(fp32), {"a": a}), (session(u8s8), {"a": a8}), iterations)
-    return 2 * m * k * n / f / 1e6, 2 * m * k * n / q / 1e6
+    result = {}
+    for method in ("minmax", "entropy", "percentile"):
+        graph, ranges, _, _ = Int8Lowerer(tower.model, tower.fit, "cpu", method, isa=VNNI).prepared(False)
+        result[method] = gemm_input_ranges(graph, ranges)
+    return result
 
 
-def gemm_shapes(model) -> list[tuple[int, int]]:
-    """(in, out) of every Gemm with a constant [out, in] (transB) or [in, out] weight, in graph order."""
-    from onnx import numpy_helper
+def machine() -> str:
+    from calibration.isa import detect_int8_isa
+    from toolkit.core.machine import cpu_identity
 
-    weights = {init.name: numpy_helper.to_array(init).shape for init in model.graph.initializer}
-    shapes = []
-    for node in model.graph.node:
-        if node.op_type == "Gemm" and node.input[1] in weights:
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            out, k = weights[node.input[1]] if trans_b else weights[node.input[1]][::-1]
-            shapes.append((k, out))
-    return shapes
+    identity = cpu_identity()
+    return f"{identity['cpu']}, {identity['cores']} cores, ISA {' '.join(identity['isa'])} (int8 level {detect_int8_isa()})"
 
 
-def gemm_shape_times(shapes: list[tuple[int, int]], batch: int, iterations: int = 40) -> tuple[float, float]:
-    """Summed ms of the tower's Gemms run alone at `batch`: FP32 Gemm (+bias) vs U8S8 QGemm with per-channel
-    7-bit weights and a uint8 output, as the INT8 graph runs them."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    fp32_ms = int8_ms = 0.0
-    def const(value, name):
-        return numpy_helper.from_array(np.asarray(value), name)
-
-    for k, n in shapes:
-        fp32 = _graph([helper.make_node("Gemm", ["a", "w", "b"], ["y"], transB=1)],
-                      [helper.make_tensor_value_info("a", TensorProto.FLOAT, [batch, k])],
-                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n])],
-                      [const(rng.standard_normal((n, k)).astype(np.float32), "w"), const(np.zeros(n, np.float32), "b")])
-        names = ["a", "a_scale", "a_zero", "w", "w_scale", "w_zero", "b", "y_scale", "y_zero"]
-        qgemm = _graph([helper.make_node("QGemm", names, ["y"], transB=1, domain="com.microsoft")],
-                       [helper.make_tensor_value_info("a", TensorProto.UINT8, [batch, k])],
-                       [helper.make_tensor_value_info("y", TensorProto.UINT8, [batch, n])],
-                       [const(np.float32(0.02), "a_scale"), const(np.uint8(128), "a_zero"),
-                        const(rng.integers(-63, 64, (n, k)).astype(np.int8), "w"),
-                        const(np.full(n, 0.01, np.float32), "w_scale"), const(np.zeros(n, np.int8), "w_zero"),
-                        const(np.zeros(n, np.int32), "b"), const(np.float32(0.5), "y_scale"),
-                        const(np.uint8(128), "y_zero")])  # fmt: skip
-        a = rng.standard_normal((batch, k)).astype(np.float32)
-        a8 = rng.integers(0, 256, (batch, k)).astype(np.uint8)
-        f, q = _time_pair((session(fp32), {"a": a}), (session(qgemm), {"a": a8}), iterations)
-        fp32_ms, int8_ms = fp32_ms + f, int8_ms + q
-    return fp32_ms, int8_ms
-
-
-def amdahl(gemm_share: float, gemm_speedup: float) -> float:
-    """Whole-graph speedup when only the Gemm share of the time gets `gemm_speedup` faster."""
-    return 1.0 / ((1.0 - gemm_share) + gemm_share / gemm_speedup)
-
-
-def dynamic_int8(model, folder: Path):
-    """onnxruntime's dynamic quantization of `model`: int8 weights, activations quantized at run time."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    source, out = folder / "dynamic_in.onnx", folder / "dynamic.onnx"
-    onnx.save(model, source)
-    quantize_dynamic(source, out, op_types_to_quantize=["Gemm", "MatMul"], weight_type=QuantType.QInt8,
-                     reduce_range=True)  # fmt: skip  # 7-bit weights, as for static: no vpmaddubsw saturation
-    return onnx.load(out)
+def run_subject(subject: Subject, args) -> dict:
+    print(f"== {subject.name}", flush=True)
+    variants = [v for v in VARIANTS if not args.variants or v.name in args.variants]
+    variants += [Variant(name) for name in DEFAULTS if not args.variants or name in args.variants]
+    models, searches, refused = {}, {}, {}
+    for variant in variants:
+        try:
+            models[variant.name], curve = lower(subject, variant, args.target)
+        except DcncError as err:  # the default build refuses a target it cannot meet: that is its result
+            refused[variant.name] = str(err)
+            print(f"  {variant.name:18s} refused: {err}", flush=True)
+            continue
+        if curve:
+            searches[variant.name] = curve
+    references = {t: session(tw.model).run(None, tw.held_out)[0] for t, tw in subject.towers.items()}
+    fp32 = evaluate(subject, {t: tw.model for t, tw in subject.towers.items()})
+    quality = {}
+    for variant, graphs in models.items():
+        quality[variant] = {t: held_out_agreement(subject.towers[t], references[t], g) for t, g in graphs.items()}
+        quality[variant]["eval"] = evaluate(subject, graphs, fp32)
+        print(f"  {variant:18s} " + json.dumps(quality[variant], default=float), flush=True)
+    result = {"quality": quality, "searches": searches, "refused": refused}
+    if subject.name in ("example two-tower", "compute-bound tower"):
+        result["clipping"] = clipping(next(iter(subject.towers.values())))
+    if subject.timed and not args.no_speed:
+        load = os.getloadavg()[0]
+        compute = "compute" in subject.name
+        result["speed"] = speed(subject, models, {64: args.iterations * 10, 4096: max(5, args.iterations // (4 if compute else 1))})
+        result["load"] = [load, os.getloadavg()[0]]
+        for key, entry in result["speed"].items():
+            print(f"  speed {key}: " + " ".join(f"{k} {v:.2f}" for k, v in entry.items() if "fastest" not in k), flush=True)
+        if compute:
+            tower = subject.towers["tower"]
+            result["counting"] = {v: counting(tower.model, models[v]["tower"], tower.timing[4096]) for v in ("R+S", "default")
+                                  if v in models}  # fmt: skip
+            print("  counting " + json.dumps(result["counting"]), flush=True)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("example", type=Path, help="folder with two_tower.pt, two_tower_eval.npz, *_calib.npz")
-    parser.add_argument("--method", default="minmax")
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--iterations", type=int, default=30, help="timed rounds per repeat")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--min-metric-ratio", type=float, default=0.999)
+    parser.add_argument("--example", type=Path, default=Path("runs/example"), help="`dcnc train` output (synthetic)")
+    parser.add_argument("--movielens", type=Path, default=Path("runs/ml"), help="`dcnc train --dataset movielens` output")
+    parser.add_argument("--only", nargs="*", default=[], help="models whose name contains one of these words")
+    parser.add_argument("--variants", nargs="*", default=[], help="variant names (default: all, and default)")
+    parser.add_argument("--target", type=float, default=DEFAULT_MIN_AGREEMENT, help="held-out agreement for M and default")
+    parser.add_argument("--iterations", type=int, default=40, help="timed rounds at batch 4096 (x10 at 64)")
+    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--out", type=Path, help="write every number as JSON here")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="dcnc-bench-int8-") as work:
-        bench(args, Path(work))
+    print(f"machine: {machine()}; onnxruntime CPU, sequential executor, intra-op threads = cores", flush=True)
+    subjects = trained(args.example, "example") + trained(args.movielens, "movielens") + synthetic()
+    subjects = [s for s in subjects if not args.only or any(w in s.name for w in args.only)]
+    report = {"machine": machine(), "target": args.target, "subjects": {s.name: run_subject(s, args) for s in subjects}}
+    if args.out:
+        from toolkit.core.fileio import write_json
 
-
-def bench(args: argparse.Namespace, work: Path) -> None:
-    import onnx
-
-    from calibration.cache import calibrated_ranges
-    from calibration.qdq import quantize_with_ranges
-    from calibration.reader import load_calibration
-    from calibration.sensitivity import sensitivity
-    from graphs.inspect import inspect_model
-    from toolkit.backends.timing import time_interleaved
-    from toolkit.commands.build import build_bundle
-    from toolkit.commands.export import export_model
-    from toolkit.core.machine import usable_cores
-    from toolkit.core.onnxio import graph_inputs
-    from toolkit.evaluate.metrics import exact_top_k, recall_at_k
-    from toolkit.evaluate.task_metrics import recall_metric
-    from toolkit.model.loading import load_model
-
-    evaluation = dict(np.load(args.example / "two_tower_eval.npz"))
-    towers = ("query", "item")
-    side = {t: {k.split("/", 1)[1]: v for k, v in evaluation.items() if k.startswith(f"{t}/")} for t in towers}
-    rng = np.random.default_rng(0)
-    batch = {t: {k: v[rng.integers(0, len(v), args.batch)] for k, v in feeds.items()} for t, feeds in side.items()}
-
-    export_model(load_model(str(args.example / "two_tower.pt")), work / "towers", validate=False)
-    build_bundle(work / "towers", work / "fp32")
-    build_bundle(work / "towers", work / "int8", precision="int8", calib=args.example, calib_method=args.method)
-    fp32 = {t: onnx.load(work / "fp32" / f"{t}.onnx") for t in towers}
-    candidates = {"int8": {t: onnx.load(work / "int8" / f"{t}.onnx") for t in towers}}
-
-    def embed(models):
-        return {t: session(m).run(None, side[t])[0] for t, m in models.items()}
-
-    def recall(emb):
-        return recall_at_k(exact_top_k(emb["query"], [emb["item"]], 100).ids, evaluation["relevance"], [100])[100]
-
-    print(f"machine: {usable_cores()} cores; batch {args.batch}; method {args.method}")
-    print("== counting")
-    profiles, shape_times = {}, {}
-    for tower in towers:
-        flops = inspect_model(work / "fp32" / f"{tower}.onnx")["flops_per_sample"]
-        models = {"fp32": fp32[tower], "int8": candidates["int8"][tower]}
-        profiles[tower] = op_profiles(models, batch[tower], 20, work)
-        p = profiles[tower]["fp32"]
-        shape_times[tower] = gemm_shape_times(gemm_shapes(fp32[tower]), args.batch)
-        print(f"{tower}: {flops['total']:,} FLOPs/sample ({flops['total'] * args.batch / 1e9:.2f} GFLOP per batch);"
-              f" FP32 kernels {p['total']:.2f} ms, Gemm {p['gemm']:.2f} ms ({p['gemm'] / p['total']:.0%});"
-              f" {p['gemm'] and flops['total'] * args.batch / p['gemm'] / 1e6:.0f} GFLOP/s in its Gemms")
-    f_peak, q_peak = matmul_peak(*PEAK_SHAPE)
-    print(f"peak, MatMul {'x'.join(map(str, PEAK_SHAPE))}: FP32 {f_peak:.0f} GFLOP/s, U8S8 MatMulInteger"
-          f" {q_peak:.0f} GOP/s: r = {q_peak / f_peak:.2f}")
-    for tower in towers:
-        p, (f_ms, q_ms) = profiles[tower]["fp32"], shape_times[tower]
-        share = p["gemm"] / p["total"]
-        print(f"{tower}: its Gemm shapes alone: FP32 {f_ms:.2f} ms, QGemm {q_ms:.2f} ms: r = {f_ms / q_ms:.2f};"
-              f" Amdahl bound {amdahl(share, f_ms / q_ms):.2f}x (at the peak r: {amdahl(share, q_peak / f_peak):.2f}x,"
-              f" Gemms free: {1 / (1 - share):.2f}x)")
-
-    kept, embeddings, dynamic = {}, {}, {}
-    fp32_emb = embed(fp32)
-    base = recall(fp32_emb)
-    for tower in towers:
-        other = "item" if tower == "query" else "query"
-        data = load_calibration(args.example / f"{tower}_calib.npz", graph_inputs(fp32[tower]))
-        ranges, _, _, _ = calibrated_ranges(fp32[tower], data, args.method)
-        metric = recall_metric(100, evaluation["relevance"], fp32_emb[other], tower)
-        report = sensitivity(fp32[tower], ranges, side[tower], metric, "recall@100", "cpu", "layer",
-                             args.min_metric_ratio, time_latency=False)  # fmt: skip
-        kept[tower] = quantize_with_ranges(fp32[tower], ranges, "cpu", keep_fp32=report.keep_fp32)[0]
-        embeddings[tower] = quantize_with_ranges(fp32[tower], ranges, "cpu", quantize_embeddings=True)[0]
-        dynamic[tower] = dynamic_int8(fp32[tower], work)
-        curve = ", ".join(f"{len(p.kept)}:{p.ratio:.4f}" for p in report.curve)
-        print(f"{tower} sensitivity (layers kept fp32: recall ratio) {curve}; keep {report.curve[-1].kept}")
-    candidates.update({"int8+embeddings": embeddings, "int8+sensitivity": kept, "dynamic": dynamic})
-
-    print("== the INT8 graph onnxruntime runs")
-    for tower in towers:
-        optimized = work / f"{tower}.int8.optimized.onnx"
-        session(candidates["int8"][tower], optimized=optimized)
-        ops = collections.Counter(node.op_type for node in onnx.load(optimized).graph.node)
-        f, p = profiles[tower]["fp32"], profiles[tower]["int8"]
-        qdq_ms = sum(p.get(op, 0.0) for op in ("QuantizeLinear", "DequantizeLinear"))
-        top = ", ".join(f"{op} {ms:.2f}" for op, ms in sorted(p.items(), key=lambda x: -x[1])
-                        if op not in ("total", "gemm"))[:160]  # fmt: skip
-        print(f"{tower}: {dict(ops)}")
-        print(f"{tower}: kernels {p['total']:.2f} ms, integer Gemms {p['gemm']:.2f} ms, Q/DQ {qdq_ms:.2f} ms | {top}")
-        print(f"{tower}: Gemms {f['gemm']:.2f} -> {p['gemm']:.2f} ms ({f['gemm'] / p['gemm']:.2f}x), the rest"
-              f" {f['total'] - f['gemm']:.2f} -> {p['total'] - p['gemm']:.2f} ms; ceiling with everything but the"
-              f" integer Gemms free: {f['total'] / p['gemm']:.2f}x")
-
-    print(f"== FP32 recall@100 {base:.4f}; latency at batch {args.batch}, {args.repeats} interleaved repeats")
-    recalls = {name: recall(embed(models)) / base for name, models in candidates.items()}
-    times = {name: {t: [] for t in towers} for name in ["fp32", *candidates]}
-    fastest = {name: {t: np.inf for t in towers} for name in ["fp32", *candidates]}
-    for _ in range(args.repeats):
-        for tower in towers:
-            sessions = {"fp32": session(fp32[tower])} | {n: session(m[tower]) for n, m in candidates.items()}
-            samples = time_interleaved({n: (lambda s=s, t=tower: s.run(None, batch[t])) for n, s in sessions.items()},
-                                       warmup=5, iterations=args.iterations)  # fmt: skip
-            for name in sessions:
-                times[name][tower].append(float(np.median(samples[name])))
-                fastest[name][tower] = min(fastest[name][tower], float(samples[name].min()))
-    for name in candidates:
-        line = [f"{name}: recall@100 ratio {recalls[name]:.4f}"]
-        for tower in towers:
-            f, q = np.array(times["fp32"][tower]), np.array(times[name][tower])
-            line.append(f"{tower} fp32 {np.median(f):.2f} ms {name} {np.median(q):.2f} ms speedup"
-                        f" {np.median(f / q):.2f}x ({' '.join(f'{x:.2f}' for x in f / q)};"
-                        f" fastest {fastest['fp32'][tower]:.2f} / {fastest[name][tower]:.2f} ms)")
-        fp32_both = np.add(times["fp32"]["query"], times["fp32"]["item"])
-        both = fp32_both / np.add(times[name]["query"], times[name]["item"])
-        line.append(f"two towers {np.median(both):.2f}x")
-        print("; ".join(line))
+        write_json(args.out, report)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -62,3 +62,19 @@ def test_relu_zeros_do_not_drag_the_entropy_threshold_down(calibration):
 def test_unknown_method_is_a_user_error(calibration):
     with pytest.raises(DcncError, match="--calib-method"):
         collect_ranges(tower_graph(), calibration.batches, "kl")
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_clipped_share_is_the_share_of_values_outside_the_chosen_range(calibration, method):
+    model = tower_graph()
+    ranges = collect_ranges(model, calibration.batches, method, percentile=99.0)
+    name = model.graph.output[0].name
+    values = run(model, calibration.arrays)[0]
+    low, high = ranges.calibrated[name]
+    # the range ends are histogram bin edges: values on an edge may count on either side
+    outside = np.mean((values < low) | (values > high))
+    assert ranges.clipped[name] == pytest.approx(outside, abs=2 / values.size)
+    if method == "minmax":
+        assert not any(ranges.clipped.values())
+    else:
+        assert max(ranges.clipped.values()) > 0

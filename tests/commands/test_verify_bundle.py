@@ -199,3 +199,23 @@ def test_a_factory_model_verifies_on_its_inputs_alone_numeric_parity_and_latency
     assert "no 'label'" in report["quality_absent"] and report["latency"]["towers"]["logit"]
     assert any(g["name"].startswith("parity.logit/") for g in report["gates"])
     assert required.exit_code == 2 and "--require-quality" in required.output
+
+
+def test_int8_bundle_built_for_another_cpu_level_is_verified_with_a_warning_and_its_trade_off(verify_case, tmp_path):
+    from calibration.isa import INT8_ISAS, detect_int8_isa
+    from toolkit.core.signature import random_inputs
+    from toolkit.model.loading import load_model
+
+    other = next(isa for isa in INT8_ISAS if isa != detect_int8_isa())
+    loaded = load_model(str(verify_case / "model.pt"))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for tower, module in loaded.towers.items():
+        np.savez(calib / f"{tower}_calib.npz", **random_inputs(module.input_specs, 128, seed=4))
+    build_bundle(verify_case / "onnx_fp32", tmp_path / "int8", precision="int8", calib=calib, batch=(1, 16, 256),
+                 int8_isa=other, min_agreement=0)  # fmt: skip
+    result = CliRunner().invoke(app, ["verify", str(verify_case / "model.pt"), str(tmp_path / "int8"), "--data",
+                                      str(verify_case / "eval.npz"), "--report", str(tmp_path / "r.json"), *CLI_FAST])  # fmt: skip
+    assert f"warning: query: built for {other}" in result.output
+    assert "trade-off: agreement@1 " in result.output and "agreement@5 " in result.output and "x at batch 16" in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["warnings"]

@@ -14,6 +14,8 @@ from toolkit.evaluate.metrics import (
     auc,
     exact_top_k,
     logloss,
+    neighbour_agreement,
+    pair_order_agreement,
     recall_at_k,
 )
 from toolkit.evaluate.parity import ParityAccumulator
@@ -151,3 +153,30 @@ def test_parity_histogram_counts_every_error_in_its_log_bin_and_trims_empty_ends
         i = np.searchsorted(edges, error) - 1
         assert edges[i] < error <= edges[i + 1] * (1 + 1e-6) and counts[i] >= 1
     assert edges[0] > 1e-3 and edges[-1] < 0.52  # 1.5e-3 .. 0.5 spans 2.5 decades, not 18
+
+
+def test_neighbour_agreement_is_one_for_the_same_embeddings_and_ignores_self():
+    rows = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    assert neighbour_agreement(rows, rows.copy(), (1, 10, 100)) == {1: 1.0, 10: 1.0, 100: 1.0}  # 100 -> all 49 others
+
+
+def test_neighbour_agreement_counts_the_neighbours_a_perturbation_moves():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((200, 16))
+    noisy = rows + 0.3 * rng.standard_normal(rows.shape)
+    agreement = neighbour_agreement(rows, noisy, (10, 100))
+    assert 0.2 < agreement[10] < agreement[100] < 1.0
+
+
+def test_pair_order_agreement_is_the_share_of_pairs_not_flipped():
+    reference = np.array([0.0, 1.0, 2.0, 3.0])
+    # swapping the scores of rows 2 and 3 flips one of the 6 pairs
+    assert pair_order_agreement(reference, np.array([0.0, 1.0, 3.0, 2.0])) == pytest.approx(5 / 6)
+    assert pair_order_agreement(reference, reference * 2 + 1) == 1.0  # any monotone map keeps the order
+
+
+def test_agreement_metrics_refuse_mismatched_outputs():
+    with pytest.raises(DcncError, match="neighbour agreement"):
+        neighbour_agreement(np.zeros((3, 2)), np.zeros((4, 2)), (1,))
+    with pytest.raises(DcncError, match="pair order agreement"):
+        pair_order_agreement(np.zeros(3), np.zeros(4))

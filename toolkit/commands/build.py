@@ -26,6 +26,7 @@ from toolkit.commands.calibration_data import (
     check_source,
     source_identity,
 )
+from toolkit.commands.int8_search import embedding_tower
 from toolkit.core.errors import DcncError
 from toolkit.core.fileio import atomic_dir, sha256_file
 from toolkit.core.onnxio import (
@@ -63,7 +64,9 @@ class Lowering:
     fp32: the exported graph as is. fp16 / bf16: graphs.precision.lower_half, whose FP32 block list comes from
     the calibration data when there is some (else its conservative default: cross branch and head FP32).
     int8: Q/DQ from calibration (required) for `target` ("cpu": U8S8 for ONNX Runtime, "tensorrt": symmetric),
-    with `calib_method` ranges; `keep_fp32` names nodes left in float (e.g. from `dcnc calibrate --eval`).
+    with `calib_method` ranges; `keep_fp32` names nodes left in float (e.g. from `dcnc calibrate --eval`). For
+    the cpu target, weights keep the bits `int8_isa` allows (default: this CPU's level) and the lowering is
+    searched for held-out agreement >= `min_agreement` (default 0.99; 0: plain INT8, nothing kept FP32).
     """
 
     precision: str
@@ -72,6 +75,8 @@ class Lowering:
     calib_samples: int | None = None
     seed: int = 0
     keep_fp32: tuple[str, ...] = ()
+    int8_isa: str | None = None
+    min_agreement: float | None = None
 
     def check(self, calib, calib_resolved: bool = True) -> None:
         """Refuse option combinations that mean nothing, before anything is read or written: the one place these
@@ -85,18 +90,28 @@ class Lowering:
             raise DcncError("int8 needs calibration data (--calib DATA, or calib in a pipeline file)")
         if calib is not None and self.precision == "fp32":
             raise DcncError("--calib is used by --precision fp16, bf16 and int8, not fp32")
-        if self.precision != "int8" and (self.keep_fp32 or self.calib_method != "minmax"):
-            raise DcncError("--calib-method and --keep-fp32 apply to --precision int8 only")
+        int8_only = self.keep_fp32 or self.calib_method != "minmax" or self.int8_isa or self.min_agreement is not None
+        if self.precision != "int8" and int8_only:
+            raise DcncError("--calib-method, --keep-fp32, --int8-isa and --min-agreement apply to --precision int8 only")
         if self.precision == "int8":
+            from calibration.isa import check_isa
             from calibration.qdq import check_target
             from calibration.ranges import check_method
 
             check_target(self.target)
             check_method(self.calib_method)
+            if self.target != "cpu" and (self.int8_isa or self.min_agreement is not None):
+                raise DcncError("--int8-isa and --min-agreement apply to the cpu int8 target (ONNX Runtime's kernels)")
+            if self.int8_isa:
+                check_isa(self.int8_isa)
+            if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+                raise DcncError(f"--min-agreement {self.min_agreement}: must be in [0, 1] (0: plain INT8)")
 
-    def __call__(self, model, calib, tower: str):
+    def __call__(self, model, calib, tower: str, embedding_towers: int = 1, timing_batch: int | None = None, say=None):
         """(lowered model, record of what the lowering did, or None for fp32), `calib` the build's calibration
-        source (toolkit.commands.calibration_data) of which `tower`'s rows are used."""
+        source (toolkit.commands.calibration_data) of which `tower`'s rows are used. embedding_towers /
+        timing_batch / say: the cpu int8 search's budget split, timed batch and progress lines
+        (toolkit.commands.int8_search)."""
         if self.precision == "fp32":
             return model, None
         data = None
@@ -104,9 +119,14 @@ class Lowering:
             data = calibration_data(calib, tower, graph_inputs(model), self.calib_samples, self.seed)
         if self.precision == "int8":
             from calibration.int8 import quantize_int8
+            from toolkit.commands.int8_search import DEFAULT_MIN_AGREEMENT, searched_int8
 
             keep = [n for n in self.keep_fp32 if n in {node.name for node in model.graph.node}]
-            return quantize_int8(model, data, self.calib_method, self.target, keep)
+            if self.target != "cpu":
+                return quantize_int8(model, data, self.calib_method, self.target, keep)
+            target = DEFAULT_MIN_AGREEMENT if self.min_agreement is None else self.min_agreement
+            return searched_int8(model, data, tower, self.calib_method, self.int8_isa, target, embedding_towers,
+                                 keep, self.seed, timing_batch, say)  # fmt: skip
         from calibration.cache import calibrated_ranges
         from graphs.precision import lower_half
 
@@ -176,6 +196,9 @@ def build_bundle(
     calib_method: str = "minmax",
     calib_samples: int | None = None,
     keep_fp32: tuple[str, ...] = (),
+    int8_isa: str | None = None,
+    min_agreement: float | None = None,
+    progress=None,
 ) -> Manifest:
     """Build `model` (an ONNX file or a directory of `<tower>.onnx`) into the bundle directory `out`.
 
@@ -193,6 +216,9 @@ def build_bundle(
         int8_target: "cpu" or "tensorrt" Q/DQ formats (default: tensorrt for the tensorrt backend, else cpu).
         calib_method: int8 ranges, "minmax", "entropy" or "percentile". calib_samples: rows drawn (seeded) from
             the calibration data (default all). keep_fp32: int8 node names left in float.
+        int8_isa: the CPU level cpu int8 weights are built for (calibration.isa; default this CPU's).
+        min_agreement: cpu int8 held-out agreement target (default 0.99; 0 = plain INT8, no search).
+        progress: called with one line per point the int8 search measures (default: silent).
 
     Returns the manifest written to `out/manifest.json`.
     """
@@ -205,7 +231,8 @@ def build_bundle(
     if int8_target is not None and precision != "int8":
         raise DcncError("--int8-target applies to --precision int8 only")
     target = int8_target or ("tensorrt" if backend == "tensorrt" and precision == "int8" else "cpu")
-    lower = Lowering(precision, target, calib_method, calib_samples, keep_fp32=tuple(keep_fp32))
+    lower = Lowering(precision, target, calib_method, calib_samples, keep_fp32=tuple(keep_fp32), int8_isa=int8_isa,
+                     min_agreement=min_agreement)  # fmt: skip
     lower.check(calib)
     check_source(calib)
     if precision == "bf16" and backend == "ort":
@@ -253,8 +280,11 @@ def build_bundle(
     with atomic_dir(out, force=force) as tmp:
         if backend == "tensorrt":
             cache = _prepare_timing_cache(tmp, out, timing_cache, trt_options, manifest)
-        for tower, source in towers.items():
-            lowered, record = lower(load_onnx(source, check=True), calib, tower)
+        graphs = {tower: load_onnx(source, check=True) for tower, source in towers.items()}
+        embedding_towers = sum(embedding_tower(graph) for graph in graphs.values())
+        for tower, graph in graphs.items():
+            say = (lambda line, tower=tower: progress(f"{tower}: {line}")) if progress else None
+            lowered, record = lower(graph, calib, tower, embedding_towers, batch[1], say)
             onnx_rel = f"{tower}.onnx"
             save_onnx(lowered, tmp / onnx_rel)
             entry = TowerEntry(

@@ -122,4 +122,18 @@ def verify(
         )
     if report.latency is not None and branches and device == "cpu":
         report.latency["branches"] = _branch_timing(Path(bundle), manifest, max(options.batch_sizes))
+    report.warnings += _isa_warnings(manifest)
     return report
+
+
+def _isa_warnings(manifest: Any) -> list[str]:
+    """One line per INT8 tower built for another CPU level than this one (calibration.isa)."""
+    from calibration.isa import isa_mismatch
+
+    warnings = []
+    for tower, entry in manifest.towers.items():
+        built_for = getattr(entry.lowering, "isa", None)
+        reason = isa_mismatch(built_for) if built_for else None
+        if reason:
+            warnings.append(f"{tower}: {reason}")
+    return warnings

@@ -36,7 +36,13 @@ class HalfLowering:
 @dataclass
 class Int8Lowering:
     """INT8 Q/DQ: the target's number formats, the calibration behind the ranges, the nodes quantized and kept
-    in float, and the tensors whose range is never clipped (skip paths)."""
+    in float, and the tensors whose range is never clipped (skip paths).
+
+    isa: the CPU level the weights' bits were chosen for (calibration.isa). recipe: the levers (cross path,
+    smoothing, bias correction). smoothing / bias_correction: what those did. gemm_inputs: per Gemm input the
+    range chosen, the observed min/max and the share of calibration values clipped. search: the held-out
+    agreement search (metric, target, every point tried with its agreement and speed, the one chosen, why each
+    layer kept FP32 was kept); None when the lowering was not searched."""
 
     target: str
     method: str
@@ -49,11 +55,43 @@ class Int8Lowering:
     quantize_embeddings: bool
     unclipped_tensors: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    isa: str | None = None
+    recipe: dict | None = None
+    smoothing: dict | None = None
+    bias_correction: dict | None = None
+    gemm_inputs: list[dict] = field(default_factory=list)
+    search: dict | None = None
     kind: str = "int8"
 
     def summary(self) -> str:
-        return (f"{len(self.quantized_nodes)} nodes int8 ({self.target}, {self.method}),"
-                f" {len(self.kept_fp32)} kept FP32")  # fmt: skip
+        text = f"{len(self.quantized_nodes)} nodes int8 ({self.target}"
+        text += f", {self.isa}" if self.isa else ""
+        text += f", {self.recipe['name']}" if self.recipe else ""
+        text += f", {self.method}), {len(self.kept_fp32)} kept FP32"
+        chosen = (self.search or {}).get("chosen")
+        if chosen:
+            agreement = ", ".join(f"{k} {v:.4f}" for k, v in chosen["agreement"].items())
+            speed = f", {chosen['speedup']:.2f}x FP32 at batch {self.search['timing_batch']}" if chosen.get("speedup") else ""
+            text += f"; held-out {agreement}{speed}"
+        return text
+
+    def curve(self) -> list[str]:
+        """One line per point the search tried (recipe, layers kept FP32, held-out agreement, speed over FP32),
+        the chosen one marked; the Gemm inputs calibration clipped; empty without a search."""
+        if not self.search:
+            return []
+        search = self.search
+        lines = [f"search: {search['metric']} >= {search['target']:.4g} on {search['held_out_rows']} held-out rows"]
+        for index, point in enumerate(search["points"]):
+            agreement = ", ".join(f"{k} {v:.4f}" for k, v in point["agreement"].items())
+            speed = f", {point['speedup']:.2f}x" if point.get("speedup") else ""
+            mark = "*" if index == search.get("chosen_index") else " "
+            lines.append(f"{mark} {point['recipe']}, FP32 layers [{', '.join(point['kept'])}]: {agreement}{speed}")
+        clipped = [g for g in self.gemm_inputs if g["clipped"] > 0]
+        for gemm in clipped:
+            lines.append(f"clipped {gemm['node']} input to [{gemm['range'][0]:.4g}, {gemm['range'][1]:.4g}]"
+                         f" (minmax [{gemm['minmax'][0]:.4g}, {gemm['minmax'][1]:.4g}]): {gemm['clipped']:.3%} of values")  # fmt: skip
+        return lines
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -148,6 +148,38 @@ def agreement_at_k(ids_a: np.ndarray, ids_b: np.ndarray, ks: Iterable[int]) -> d
     return result
 
 
+def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray, ks: Iterable[int]) -> dict[int, float]:
+    """agreement@K of each row's nearest neighbours among the other rows (inner product), reference embeddings
+    against candidate ones: how far a tower's own neighbourhoods survive a lowering, judged without labels or a
+    partner tower. reference / candidate: float [N, D], the same N rows. A K above N - 1 is judged on all N - 1
+    others (and reported under the K asked for)."""
+    if reference.shape != candidate.shape or reference.ndim != 2 or len(reference) < 2:
+        raise DcncError(f"neighbour agreement: needs two [N >= 2, D] embeddings of one shape, got "
+                        f"{list(reference.shape)} and {list(candidate.shape)}")  # fmt: skip
+    clipped = {k: min(k, len(reference) - 1) for k in ks}
+    ks = sorted(set(clipped.values()))
+    tops = []
+    for side in (reference, candidate):
+        side = side.astype(np.float64)
+        scores = side @ side.T
+        np.fill_diagonal(scores, -np.inf)  # a row is not its own neighbour
+        tops.append(np.argsort(-scores, axis=1, kind="stable")[:, : ks[-1]])
+    values = agreement_at_k(tops[0], tops[1], ks)
+    return {k: values[c] for k, c in clipped.items()}
+
+
+def pair_order_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Share of score pairs (i < j, reference scores not tied) that the candidate orders as the reference does:
+    1 - the fraction of pairs whose order flips, a scoring tower's agreement without labels."""
+    ref, cand = np.asarray(reference, np.float64).ravel(), np.asarray(candidate, np.float64).ravel()
+    if ref.shape != cand.shape or len(ref) < 2:
+        raise DcncError(f"pair order agreement: needs two score vectors of one length >= 2, got {ref.shape} and {cand.shape}")
+    first, second = np.triu_indices(len(ref), 1)
+    order_ref, order_cand = np.sign(ref[first] - ref[second]), np.sign(cand[first] - cand[second])
+    untied = order_ref != 0
+    return float(np.mean(order_ref[untied] == order_cand[untied])) if untied.any() else 1.0
+
+
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n of `values`, tied values sharing the mean of their ranks."""
     order = np.argsort(values, kind="stable")

@@ -52,6 +52,7 @@ class Report:
     quality_absent: str | None = None  # why the data gave no quality metric (numeric-only verify)
     seconds: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. an INT8 bundle running on a CPU it was not built for
 
     @property
     def passed(self) -> bool:

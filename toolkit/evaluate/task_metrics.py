@@ -9,7 +9,14 @@ from collections.abc import Callable
 import numpy as np
 
 from toolkit.core.errors import DcncError
-from toolkit.evaluate.metrics import agreement_at_k, auc, exact_top_k, recall_at_k
+from toolkit.evaluate.metrics import (
+    agreement_at_k,
+    auc,
+    exact_top_k,
+    neighbour_agreement,
+    pair_order_agreement,
+    recall_at_k,
+)
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
@@ -56,3 +63,16 @@ def cosine_metric(reference: np.ndarray, candidate: np.ndarray) -> float:
     dots = np.sum(ref * cand, axis=1)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     return float(np.mean(np.divide(dots, norms, out=np.ones_like(dots), where=norms > 0)))
+
+
+AgreementMetric = Callable[[np.ndarray, np.ndarray], dict[str, float]]
+
+
+def held_out_metric(output_shape: list) -> tuple[AgreementMetric, str]:
+    """What an INT8 build judges a tower by on held-out calibration rows, without labels: (metric, the key its
+    target applies to). An embedding tower ([B, D], D > 1): agreement@10 and @100 of each row's nearest
+    neighbours among the others; a scoring tower ([B] or [B, 1]): the share of score pairs in the same order."""
+    if len(output_shape) == 2 and output_shape[1] != 1:
+        return (lambda ref, cand: {f"agreement@{k}": v for k, v in neighbour_agreement(ref, cand, (10, 100)).items()},
+                "agreement@100")  # fmt: skip
+    return (lambda ref, cand: {"pair agreement": pair_order_agreement(ref, cand)}), "pair agreement"

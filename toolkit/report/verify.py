@@ -37,6 +37,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "latency": report.latency,
         "seconds": report.seconds,
         "machine": report.machine,
+        "warnings": report.warnings,
     }
     if report.retrieval is not None:
         body["retrieval"] = report.retrieval
@@ -118,6 +119,18 @@ def _branch_rows(report: Report) -> list[tuple[str, ...]]:
             rows.append((tower, str(t["batch"]), format_number(t["t_cross_ms"]), format_number(t["t_deep_ms"]),
                          format_number(t["t_parallel_ms"]), format_number(t["ratio"], 3)))
     return rows
+
+
+def tradeoff(report: Report) -> str:
+    """agreement@K for every K of the report beside each tower's speedup at the largest batch timed: what the
+    lowering kept of the reference's answers, and what it bought."""
+    agreement = ", ".join(f"agreement@{k} {format_number(v, 4)}" for k, v in report.retrieval["agreement"].items())
+    speedups = []
+    for tower, batches in report.latency["towers"].items():
+        if batches:
+            largest = max(batches, key=int)
+            speedups.append(f"{tower} {format_number(batches[largest]['speedup'], 3)}x at batch {largest}")
+    return f"{agreement}; speedup over the reference: {', '.join(speedups)}"
 
 
 def _quality_rows(report: Report) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
@@ -224,10 +237,14 @@ def print_summary(report: Report, console: Console) -> None:
         console.print(table(f"Latency ({report.latency['timer']})", LATENCY_HEADER, _latency_rows(report)))
         if _branch_rows(report):
             console.print(table("Branches (ORT CPU)", BRANCH_HEADER, _branch_rows(report)))
+    if report.retrieval is not None and report.latency:
+        console.print(f"trade-off: {tradeoff(report)}", highlight=False)
     for note in (report.reference_math, report.emulation):
         if note:
             console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if report.quality_absent:
         console.print(f"[yellow]quality not measured:[/yellow] {report.quality_absent}", highlight=False)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     verdict = "[green]PASSED[/green]" if report.passed else f"[red]FAILED[/red] {len(report.failed_gates)} gate(s)"
     console.print(f"verify: {verdict}")
