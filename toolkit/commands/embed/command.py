@@ -15,7 +15,6 @@ from toolkit.commands.embed.on_ray import embed_on_ray, require_ray
 from toolkit.commands.embed.output import (
     MANIFEST,
     SHARDS,
-    clear_stale_staging,
     current_output,
     output_key,
     staged_output,
@@ -108,7 +107,6 @@ def embed(
     made_from = {"bundle": sha256_file(bundle / MANIFEST), "tower": tower, "items": source.fingerprint(),
                  "id_column": id_column, "batch": batch}  # fmt: skip
     key = output_key(made_from)
-    clear_stale_staging(out)
     recorded = current_output(out, key)
     if recorded is not None:
         return recorded, True

@@ -103,7 +103,6 @@ def _export(job: ModelJob, loaded, folder: Path, force: bool, say: Say) -> tuple
         several = len(loaded.towers) > 1
         if not several and export_dir.exists():
             shutil.rmtree(export_dir)  # a single tower is written as a file into the folder: clear leftovers
-        (export_dir.parent if several else export_dir).mkdir(parents=True, exist_ok=True)
         target = export_dir if several else export_dir / f"{next(iter(loaded.towers))}.onnx"
         export_model(loaded, target, settings.opset, settings.validate, force=True,
                      validate_batch=settings.validate_batch, passes=list(settings.passes) or None)
