@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from toolkit import __version__
-from toolkit.core.errors import DcncError, GateFailed
+from toolkit.core.errors import DcncError, GateFailed, first_line
+from toolkit.core.logcapture import LogCapture
 from toolkit.core.machine import quiet_openmp
+from toolkit.report.terminal import labelled, literal_console
 
 app = typer.Typer(
     name="dcnc",
@@ -22,27 +23,67 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = literal_console(stderr=True)
+LOG_SETTINGS: dict[str, Any] = {"verbose": False, "log": None}  # set by the global --verbose / --log options
+# filesystem states dcnc cannot change (full disk, read-only, permissions): bad environment, exit 2, not a bug
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                      errno.ENAMETOOLONG, errno.EFBIG, errno.EMFILE, errno.ENFILE}
+
+
+def say(label: str, style: str, text: str) -> None:
+    """The one way a message reaches stderr: dcnc's styled label, then `text` exactly as it is (never markup)."""
+    console.print(labelled(label, style, text), soft_wrap=True)
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn DcncError into one red line and exit 2, GateFailed into its message and exit 1."""
+    """The CLI's edge. DcncError -> one red line, exit 2; GateFailed -> its message, exit 1; an environment's
+    filesystem error -> one line, exit 2; anything else -> one line naming the log file that holds the traceback,
+    exit 3. Library logging is held off the terminal meanwhile (toolkit.core.logcapture)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except DcncError as err:  # escaped: a message may hold brackets rich would take for markup ('dcnc[ray]')
-            console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
-        except GateFailed as err:
-            console.print(f"[red]FAILED:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/yellow]")
-            raise typer.Exit(130) from None
+        with LogCapture(LOG_SETTINGS["verbose"]) as capture:
+            failure: BaseException | None = None
+            try:
+                return command(*args, **kwargs)
+            except DcncError as err:
+                say("error:", "red", str(err))
+                raise typer.Exit(err.exit_code) from None
+            except GateFailed as err:
+                say("FAILED:", "red", str(err))
+                raise typer.Exit(err.exit_code) from None
+            except KeyboardInterrupt:
+                say("interrupted", "yellow", "")
+                raise typer.Exit(130) from None
+            except (typer.Exit, typer.Abort):
+                raise
+            except OSError as err:
+                if err.errno not in ENVIRONMENT_ERRNOS:
+                    failure = err
+                    raise typer.Exit(3) from None
+                say("error:", "red", f"{err.filename or 'a file'}: {err.strerror or err}")
+                raise typer.Exit(2) from None
+            except Exception as err:  # a bug in dcnc (or a library it calls): never a traceback on the terminal
+                failure = err
+                raise typer.Exit(3) from None
+            finally:
+                _keep_log(capture, failure)
 
     return wrapper
+
+
+def _keep_log(capture: LogCapture, failure: BaseException | None) -> None:
+    """Write the held log to --log, and on an internal error (to --log, else a new file) with its traceback."""
+    path = LOG_SETTINGS["log"]
+    if failure is None and path is None:
+        return
+    try:
+        written = capture.write(path, failure)
+    except OSError as err:
+        written = f"nowhere: the log could not be written ({err.strerror})"
+    if failure is not None:
+        say("internal error:", "red", f"{type(failure).__name__}: {first_line(failure)[:300]} (traceback in"
+            f" {written}); exit 3 means a bug in dcnc, please report it with that file")
 
 
 def _version(value: bool) -> None:
@@ -54,8 +95,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show the libraries' logging and warnings (torch, onnx, onnxruntime) on stderr; without it they are held off the terminal, so a failure prints dcnc's one line."),
+    log: str = typer.Option(None, "--log", help="Append the libraries' logging and warnings, and the traceback of an internal error, to this file. Default: an internal error (exit 3) writes a new file under the temp folder's dcnc-logs/ and names it."),
 ) -> None:
-    """Deployment compiler for DCNv2 recommender towers: export, build, verify."""
+    """Deployment compiler for DCNv2 recommender towers: export, build, verify.
+
+    Exit codes: 0 ok; 1 a gate failed; 2 bad usage or input (one line saying what and where); 3 an internal
+    error (one line naming the log file with the traceback).
+    """
+    LOG_SETTINGS.update(verbose=verbose, log=log)
 
 
 # --- dcnc export ----------------------------------------------------------------------------------------------
@@ -98,15 +146,15 @@ def export(
     pipeline = pass_pipeline(passes)  # an unknown pass is refused before the model loads
     loaded = load_model(model, inputs, weights)
     for note in loaded.notes:
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        say("note:", "yellow", note)
     try:
         results = export_model(loaded, out, opset, validate, atol, rtol, towers, force, validate_batch, pipeline)
     except ParityFailed as failed:
-        Console().print(worst_table(failed.checks))
+        literal_console().print(worst_table(failed.checks))
         raise
-    Console().print(export_table(results, f"exported {loaded.source} (opset {opset})"))
+    literal_console().print(export_table(results, f"exported {loaded.source} (opset {opset})"))
     for line in pass_lines(results):
-        Console().print(line, highlight=False, soft_wrap=True)
+        literal_console().print(line, highlight=False, soft_wrap=True)
 
 
 # --- dcnc verify ----------------------------------------------------------------------------------------------
@@ -192,7 +240,7 @@ def verify(
 
         target = Path(bundle).resolve().name
         write_html({target: reports.to_json(result)}, html, title=f"dcnc verify: {target}")
-    reports.print_summary(result, Console())
+    reports.print_summary(result, literal_console())
     if html:
         print(f"HTML report: {html}")
     if not result.passed:
@@ -320,7 +368,7 @@ def calibrate(
     if eval_data is not None:
         report = analyse_sensitivity(
             model, calib, eval_data, out, calib_method, target, granularity, min_metric_ratio,
-            calib_samples, seed, percentile, progress=lambda line: console.print(line, highlight=False),
+            calib_samples, seed, percentile, progress=lambda line: console.print(line, soft_wrap=True),
         )  # fmt: skip
         print(f"{report.metric}: FP32 {report.fp32_metric:.4f}; FP32 units kept -> ratio, latency (FP32 {report.fp32_latency_ms:.2f} ms)")
         for point in report.curve:
@@ -361,7 +409,7 @@ def train(
             trained = result[name]
             for metric, value in trained["metrics"].items():
                 table.add_row(name, trained["checkpoint"], metric, f"{value:.4f}", f"{trained['seconds']:.1f}")
-    Console().print(table)
+    literal_console().print(table)
 
 
 # --- dcnc run -------------------------------------------------------------------------------------------------
@@ -392,14 +440,14 @@ def run(
     from toolkit.report.runsummary import print_summary
 
     def progress(line: str) -> None:
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, soft_wrap=True)
 
     summary = run_pipeline(load_pipeline(pipeline), out, force=force, quiet=quiet, say=None if quiet else progress)
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
-        terminal = Console()
-        print_summary(summary, terminal if terminal.is_terminal else Console(width=160))  # CI logs: no wrapping
+        terminal = literal_console()
+        print_summary(summary, terminal if terminal.is_terminal else literal_console(width=160))  # CI logs: no wrapping
     failed = [f"{t['model']}/{t['target']}" for t in summary["targets"] if not t["passed"]]
     if failed:
         raise GateFailed(f"{len(failed)} of {len(summary['targets'])} target(s): {', '.join(failed)}")
@@ -486,7 +534,7 @@ def bench(
         write_json(report, json_path)
     if not quiet:
         for table in bench_tables(report):
-            Console().print(table)
+            literal_console().print(table)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -205,6 +205,9 @@ def write_junit(report: Report, path: str | Path) -> None:
 def print_summary(report: Report, console: Console) -> None:
     """Gates, parity, retrieval or ranking and latency as rich tables, failed gates in red."""
     from rich.table import Table
+    from rich.text import Text
+
+    from toolkit.report.terminal import labelled
 
     def table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
         t = Table(title=title, title_justify="left")
@@ -224,8 +227,10 @@ def print_summary(report: Report, console: Console) -> None:
         if _branch_rows(report):
             console.print(table("Branches (ORT CPU)", BRANCH_HEADER, _branch_rows(report)))
     if report.emulation:
-        console.print(f"[yellow]note:[/yellow] {report.emulation}", highlight=False)
+        console.print(labelled("note:", "yellow", report.emulation))
     if report.quality_absent:
-        console.print(f"[yellow]quality not measured:[/yellow] {report.quality_absent}", highlight=False)
-    verdict = "[green]PASSED[/green]" if report.passed else f"[red]FAILED[/red] {len(report.failed_gates)} gate(s)"
-    console.print(f"verify: {verdict}")
+        console.print(labelled("quality not measured:", "yellow", report.quality_absent))
+    if report.passed:
+        console.print(Text.assemble("verify: ", ("PASSED", "green")))
+    else:
+        console.print(Text.assemble("verify: ", ("FAILED", "red"), f" {len(report.failed_gates)} gate(s)"))
