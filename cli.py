@@ -228,18 +228,10 @@ def verify(
     if not corpus and (engine != "local" or address or concurrency or num_gpus):
         raise DcncError("--engine, --address, --concurrency and --num-gpus choose where --corpus is embedded; pass --corpus")
     engine_options = EngineOptions(engine, address, None, concurrency, num_gpus, progress=not quiet)
+    written = {"report": report, "junit": junit, "markdown": markdown, "html": html}
     result = run_verify(reference, bundle, data, device, options, gates, overrides, baseline, branches, inputs, weights,
-                        require_quality, Corpus(corpus, engine_options, id_column) if corpus else None)  # fmt: skip
-    for path, write in ((report, reports.write_json), (junit, reports.write_junit), (markdown, reports.write_markdown)):
-        if path:
-            write(result, path)
-    if html:
-        from pathlib import Path
-
-        from toolkit.report.html import write_html
-
-        target = Path(bundle).resolve().name
-        write_html({target: reports.to_json(result)}, html, title=f"dcnc verify: {target}")
+                        require_quality, Corpus(corpus, engine_options, id_column) if corpus else None,
+                        outputs=written)  # fmt: skip
     reports.print_summary(result, literal_console())
     if html:
         print(f"HTML report: {html}")
@@ -359,7 +351,8 @@ def calibrate(
     from toolkit.commands.calibrate import calibrate as run_calibration
 
     summary = run_calibration(
-        model, calib, out, calib_method, calib_samples, seed, percentile, trt_table, trt_version, progress=True
+        model, calib, out, calib_method, calib_samples, seed, percentile, trt_table, trt_version, progress=True,
+        eval_data=eval_data,
     )
     state = "reused" if summary["reused"] else "written"
     print(f"{summary['cache']}: {state} ({summary['tensors']} tensors, {summary['samples']} samples, {calib_method})")
@@ -521,17 +514,14 @@ def bench(
         bench_tables,
         parse_runners,
         run_bench,
-        write_json,
     )
 
     options = BenchOptions(
         batch_sizes=_ints(batch_sizes, "--batch-sizes"), iterations=iterations, warmup=warmup, threads=threads,
         device=device, runners=parse_runners(runners), aot=aot, towers=tuple(towers or ()), calib=calib,
-        bundles=tuple(bundles or ()), out=out, peak_n=peak_n,
+        bundles=tuple(bundles or ()), out=out, peak_n=peak_n, json=json_path,
     )
     report = run_bench(model, options, progress=not quiet)
-    if json_path:
-        write_json(report, json_path)
     if not quiet:
         for table in bench_tables(report):
             literal_console().print(table)

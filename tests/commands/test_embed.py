@@ -193,7 +193,7 @@ def test_empty_corpus_and_unwritable_out_exit_2(corpus_case, tmp_path):
     assert result.exit_code == 2 and "no rows (the corpus is empty)" in result.output
     (tmp_path / "a-file").write_text("")
     result = run_cli(corpus_case / "bundle", "--data", small_items(tmp_path), "--out", tmp_path / "a-file" / "out")
-    assert result.exit_code == 2 and "cannot write it" in result.output
+    assert result.exit_code == 2 and "a-file is not a folder" in result.output
     assert leftovers(tmp_path / "out") == []
 
 

@@ -7,7 +7,6 @@ the output and renamed into place only when complete, so a failed build leaves n
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,10 +23,12 @@ from toolkit.backends.bundle import (
 from toolkit.commands.calibration_data import (
     calibration_data,
     check_source,
+    source_files,
     source_identity,
 )
 from toolkit.core.errors import DcncError
 from toolkit.core.fileio import atomic_dir, sha256_file
+from toolkit.core.paths import DIR, check_outputs, output
 from toolkit.core.onnxio import (
     external_data_locations,
     graph_inputs,
@@ -147,19 +148,6 @@ def source_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_output(out: Path, force: bool) -> None:
-    """Refuse an existing output without --force, and an output whose nearest existing folder is not writable."""
-    if out.exists() and not force:
-        raise DcncError(f"{out}: already exists (pass --force to rebuild it)")
-    if out.exists() and not out.is_dir():
-        raise DcncError(f"{out}: exists and is not a bundle directory; remove it or choose another output")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise DcncError(f"{out}: cannot write there (folder {parent} is not writable)")
-
-
 def build_bundle(
     model: str | Path,
     out: str | Path,
@@ -218,7 +206,7 @@ def build_bundle(
         raise DcncError("--cuda-graph needs a GPU backend (ort-cuda or tensorrt), not ort")
     towers = find_towers(model)
     require_backend(backend)
-    _check_output(out, force)
+    check_outputs([output(out, "-o", DIR, replace=force)], [model, *towers.values(), *source_files(calib)])
     ort_options = ort_options or OrtOptions()
     trt_options = trt_options or TrtOptions()
 

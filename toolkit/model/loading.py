@@ -77,14 +77,16 @@ class LoadedTower:
 class LoadedModel:
     """A model ready to export: its towers, its spec (dcnc checkpoints only), and where it came from.
 
-    eval_data: the evaluation split a checkpoint names. calibration: tower -> calibration file, those a
-    checkpoint names (`extra.calib_data`), else any `<tower>_calib.npz` beside a model file."""
+    files: what it was read from (the checkpoint or program; a factory's module file and weights). eval_data: the
+    evaluation split a checkpoint names. calibration: tower -> calibration file, those a checkpoint names
+    (`extra.calib_data`), else any `<tower>_calib.npz` beside a model file."""
 
     towers: dict[str, LoadedTower]
     spec: ModelSpec | None
     source: str
     source_hash: str
     kind: str  # "checkpoint" | "factory" | "pt2"
+    files: list[Path] = field(default_factory=list)
     eval_data: Path | None = None
     calibration: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -165,7 +167,7 @@ def _load_dcnc_checkpoint(path: Path) -> LoadedModel:
         name: LoadedTower(name, tower.eval(), list(tower.input_specs), list(tower.output_names))
         for name, tower in model.towers().items()
     }
-    loaded = LoadedModel(towers, spec, str(path), file_sha256(path), "checkpoint")
+    loaded = LoadedModel(towers, spec, str(path), file_sha256(path), "checkpoint", [path])
     extra = extra if isinstance(extra, dict) else {}
     eval_data = extra.get("eval_data")
     if isinstance(eval_data, str) and eval_data:
@@ -237,7 +239,7 @@ def _load_factory(ref: str, inputs: list[str], weights: str | None) -> LoadedMod
             raise DcncError(f"{ref}: tower {name} has no input_specs; give its inputs with --input NAME:DTYPE:SHAPE")
         towers[name] = _probe(LoadedTower(name, tower.eval(), specs, list(getattr(tower, "output_names", []))), ref)
     existing = [p for p in sources if p.is_file()]
-    return LoadedModel(towers, None, ref, file_sha256(*existing) if existing else "", "factory")
+    return LoadedModel(towers, None, ref, file_sha256(*existing) if existing else "", "factory", existing)
 
 
 def _load_weights(model: nn.Module, path: Path, ref: str) -> None:

@@ -22,6 +22,7 @@ from toolkit.commands.embed.output import (
 )
 from toolkit.core.errors import DcncError
 from toolkit.core.fileio import sha256_file
+from toolkit.core.paths import DIR, check_outputs, output
 
 ENGINES = ("local", "ray")
 
@@ -95,6 +96,7 @@ def embed(
     if shard_rows < 1:
         raise DcncError(f"--shard-rows {shard_rows}: must be at least 1")
     bundle, out = Path(bundle), Path(out)
+    check_outputs([output(out, "--out", DIR, replace=True)], [bundle, items])  # same inputs again: a no-op
     require_engine(options)
     manifest = load_manifest(bundle)  # the runtime and device checks run where the runner opens: here or in actors
     if tower not in manifest.towers:
