@@ -115,7 +115,7 @@ A dcnc checkpoint (spec + weights; its towers and inputs come with it): `dcnc ex
 
 A torch.export program saved with torch.export.save (its dynamic dimensions are kept): `dcnc export tower.pt2 -o tower.onnx`.
 
-An import path package.module:factory, the factory returning an nn.Module (run from the folder holding the package, or install it): `dcnc export mypkg.towers:make_ranker --weights ranker_state.pt --input user_id:int64:B:100000 --input dense:float32:B,32 -o ranker.onnx`.
+An import path package.module:factory, the factory returning an nn.Module; dcnc imports it and calls the factory, so this runs your code (run from the folder holding the package, which dcnc adds to the end of sys.path, or install it; PYTHONPATH=. puts the folder first; see SECURITY.md): `dcnc export mypkg.towers:make_ranker --weights ranker_state.pt --input user_id:int64:B:100000 --input dense:float32:B,32 -o ranker.onnx`.
 
 Exit codes: 0 exported and validated; 1 validation failed (the files are kept for inspection); 2 bad input, or an export the exporter cannot do (nothing is written)."""
 

@@ -24,6 +24,7 @@ from torch import nn
 from toolkit.core.errors import DcncError, first_line
 from toolkit.core.fileio import sha256_file
 from toolkit.core.signature import TensorSpec, random_inputs
+from toolkit.model.pt2 import load_program
 from toolkit.model.spec import ModelSpec
 
 BATCH = "B"  # the name TensorSpec gives the batch dimension
@@ -201,7 +202,9 @@ def _load_factory(ref: str, inputs: list[str], weights: str | None) -> LoadedMod
     if not module_name or not attr:
         raise DcncError(f"{ref}: expected package.module:factory")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # like `python -m`: user code next to where dcnc runs imports
+        # the user's package may sit in the folder dcnc runs from; last, so no file there can stand in for an
+        # installed module (PYTHONPATH=. puts the folder first, when that is wanted)
+        sys.path.append(str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except Exception as err:
@@ -292,14 +295,11 @@ def _probe(tower: LoadedTower, ref: str) -> LoadedTower:
 def _load_program(path: Path) -> LoadedModel:
     if not path.is_file():
         raise DcncError(f"{path}: torch.export program not found")
-    try:
-        program = torch.export.load(path)
-    except Exception as err:
-        raise DcncError(f"{path}: not a readable torch.export program ({first_line(err)[:300]})") from None
+    program = load_program(path)
     specs, dim_sizes, batch_range = _program_inputs(program, path)
     outputs = [f"output_{i}" for i in range(len(program.graph_signature.user_outputs))]
     tower = LoadedTower(path.stem, program.module(), specs, outputs, program, dim_sizes, batch_range)
-    loaded = LoadedModel({tower.name: tower}, None, str(path), file_sha256(path), "pt2")
+    loaded = LoadedModel({tower.name: tower}, None, str(path), file_sha256(path), "pt2", [path])
     loaded.calibration = _calibration_files(path, loaded.towers, {})
     if not tower.has_batch:
         loaded.notes.append(
