@@ -292,7 +292,7 @@ def build(
     calib_samples: int = typer.Option(None, "--calib-samples", help="Draw this many calibration rows (seeded, deterministic); default all."),
     int8_target: str = typer.Option(None, "--int8-target", help="int8 number formats: cpu (uint8 activations, int8 weights: integer Gemm kernels) or tensorrt (symmetric int8, per-channel weights). Default: tensorrt for --backend tensorrt, else cpu; build a tensorrt-target graph with --backend ort to check on CPU what the GPU will run."),
     keep_fp32: list[str] = typer.Option(None, "--keep-fp32", help="int8: leave this node in float (repeatable), e.g. the keep_fp32 list of `dcnc calibrate --eval`'s sensitivity.json."),
-    batch: str = typer.Option("1:256:4096", "--batch", help="Batch profile MIN:OPT:MAX (or one N); TensorRT builds for it, runners refuse batches outside it."),
+    batch: str = typer.Option(None, "--batch", help="Batch profile MIN:OPT:MAX (or one N); TensorRT builds for it, runners refuse batches outside it. Default: 1:256:4096, or the one batch a fixed-shape graph takes."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output (rebuild it)."),
     threads: int = typer.Option(None, "--threads", help="ORT intra-op threads (default: the cores this process may use)."),
     ort_opt_level: str = typer.Option("all", "--ort-opt-level", help="ORT graph optimisation: disable, basic, extended or all."),
@@ -312,7 +312,8 @@ def build(
     from toolkit.commands.build import build_bundle, parse_batch
 
     manifest = build_bundle(
-        model, out, backend=backend, precision=precision, calib=calib, batch=parse_batch(batch), force=force,
+        model, out, backend=backend, precision=precision, calib=calib, batch=parse_batch(batch) if batch else None,
+        force=force,
         ort_options=OrtOptions(threads=threads, opt_level=ort_opt_level, device_id=device_id, cuda_graph=cuda_graph),
         trt_options=TrtOptions(
             opt_level=trt_opt_level, max_aux_streams=None if max_aux_streams < 0 else max_aux_streams,
@@ -323,7 +324,8 @@ def build(
         calib_method=calib_method, calib_samples=calib_samples, keep_fp32=tuple(keep_fp32 or ()),
     )
     towers = ", ".join(manifest.towers)
-    print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {batch}")
+    profile = ":".join(str(manifest.batch[k]) for k in ("min", "opt", "max"))
+    print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {profile}")
     for tower, entry in manifest.towers.items():
         if entry.lowering:
             print(f"  {tower}: {entry.lowering.summary()}")

@@ -44,6 +44,31 @@ TIMING_CACHE = "timing.cache"
 
 
 
+def batch_profile(requested: tuple[int, int, int] | None, towers: dict[str, Path]) -> tuple[int, int, int]:
+    """The bundle's batch profile: `requested` (None: DEFAULT_BATCH); for tower graphs whose inputs all have a
+    fixed first dimension N, the one batch they take (N:N:N), where a requested profile other than that is
+    refused (the manifest must not promise batches the graph cannot run)."""
+    fixed: dict[int, str] = {}
+    for tower, path in towers.items():
+        firsts = [s.shape[0] if s.shape else None for s in graph_inputs(load_onnx(path, external_data=False))]
+        if firsts and all(isinstance(d, int) for d in firsts):
+            if len(set(firsts)) > 1:
+                raise DcncError(f"{path}: its inputs have different fixed batches {sorted(set(firsts))}")
+            fixed.setdefault(firsts[0], tower)
+    if len(fixed) > 1:
+        shown = ", ".join(f"{tower} {size}" for size, tower in fixed.items())
+        raise DcncError(f"the towers have different fixed batches ({shown}); build them into separate bundles")
+    if not fixed:
+        return requested or DEFAULT_BATCH
+    size, tower = next(iter(fixed.items()))
+    if requested not in (None, (size, size, size)):
+        raise DcncError(
+            f"--batch {':'.join(map(str, requested))}: {towers[tower]} has a fixed batch of {size} (its inputs' first"
+            f" dimension); build it with --batch {size}, or export it with a dynamic batch"
+        )
+    return size, size, size
+
+
 def parse_batch(text: str) -> tuple[int, int, int]:
     """`MIN:OPT:MAX` (or one `N` for a fixed batch) -> (min, opt, max), with 1 <= min <= opt <= max."""
     parts = text.split(":")
@@ -154,7 +179,7 @@ def build_bundle(
     backend: str = "ort",
     precision: str = "fp32",
     calib: str | Path | None = None,
-    batch: tuple[int, int, int] = DEFAULT_BATCH,
+    batch: tuple[int, int, int] | None = None,
     force: bool = False,
     ort_options=None,
     trt_options=None,
@@ -173,6 +198,7 @@ def build_bundle(
         calib: calibration data (file, folder of per-tower .npz or shards, dataset:NAME) for int8, and for
             fp16/bf16 to choose from measured activations which nodes stay FP32.
         batch: (min, opt, max) batch profile; TensorRT builds for it, every runner refuses batches outside it.
+            None: DEFAULT_BATCH, or a fixed-shape graph's own batch (batch_profile).
         force: replace an existing `out`.
         ort_options: OrtOptions for ort / ort-cuda (default OrtOptions()).
         trt_options: TrtOptions for tensorrt (default TrtOptions()).
@@ -205,6 +231,7 @@ def build_bundle(
     if ort_options is not None and ort_options.cuda_graph and backend == "ort":
         raise DcncError("--cuda-graph needs a GPU backend (ort-cuda or tensorrt), not ort")
     towers = find_towers(model)
+    batch = batch_profile(batch, towers)
     require_backend(backend)
     check_outputs([output(out, "-o", DIR, replace=force)], [model, *towers.values(), *source_files(calib)])
     ort_options = ort_options or OrtOptions()

@@ -90,7 +90,7 @@ class Target:
     name: str
     backend: str = "ort"
     precision: str = "fp32"
-    batch: tuple[int, int, int] = (1, 256, 4096)
+    batch: tuple[int, int, int] | None = None  # None: build's default (1:256:4096, or a fixed graph's batch)
     calib: Path | None = None
     calib_method: str = "minmax"
     calib_samples: int | None = None
