@@ -298,7 +298,8 @@ def build(
     ort_opt_level: str = typer.Option("all", "--ort-opt-level", help="ORT graph optimisation: disable, basic, extended or all."),
     save_optimized: bool = typer.Option(False, "--save-optimized", help="ORT: also save its optimised graph (loads faster; tied to this ORT version and CPU, marked non-portable)."),
     device_id: int = typer.Option(0, "--device-id", help="CUDA device for ort-cuda and tensorrt."),
-    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="ort-cuda / tensorrt: capture one CUDA graph per batch size and replay it."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="ort-cuda / tensorrt: capture one CUDA graph per batch size and replay it. Where onnxruntime cannot capture a tower (a node off the CUDA provider), the bundle records it off, with ORT's reason."),
+    allow_tf32: bool = typer.Option(False, "--allow-tf32", help="ort-cuda / tensorrt: let FP32 MatMul/Gemm compute in TF32 (inputs rounded to 10-bit mantissas; off by default, as the fp32 gates and the FP32 torch reference expect). Recorded in the manifest."),
     trt_opt_level: int = typer.Option(3, "--trt-opt-level", help="TensorRT builder optimisation level 0-5 (higher builds longer)."),
     max_aux_streams: int = typer.Option(2, "--max-aux-streams", help="TensorRT auxiliary streams, so the cross and deep branches run concurrently (-1: TensorRT decides)."),
     version_compatible: bool = typer.Option(False, "--version-compatible", help="TensorRT: an engine later TensorRT versions of the same major can run."),
@@ -314,11 +315,12 @@ def build(
     manifest = build_bundle(
         model, out, backend=backend, precision=precision, calib=calib, batch=parse_batch(batch) if batch else None,
         force=force,
-        ort_options=OrtOptions(threads=threads, opt_level=ort_opt_level, device_id=device_id, cuda_graph=cuda_graph),
+        ort_options=OrtOptions(threads=threads, opt_level=ort_opt_level, device_id=device_id, cuda_graph=cuda_graph,
+                               allow_tf32=allow_tf32),
         trt_options=TrtOptions(
             opt_level=trt_opt_level, max_aux_streams=None if max_aux_streams < 0 else max_aux_streams,
             version_compatible=version_compatible, hardware_compat=hardware_compat, workspace_mib=workspace,
-            device_id=device_id, cuda_graph=cuda_graph,
+            device_id=device_id, cuda_graph=cuda_graph, allow_tf32=allow_tf32,
         ),
         save_optimized=save_optimized, timing_cache=timing_cache, int8_target=int8_target,
         calib_method=calib_method, calib_samples=calib_samples, keep_fp32=tuple(keep_fp32 or ()),
@@ -326,6 +328,8 @@ def build(
     towers = ", ".join(manifest.towers)
     profile = ":".join(str(manifest.batch[k]) for k in ("min", "opt", "max"))
     print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {profile}")
+    if manifest.options.get("cuda_graph_refused"):
+        print(f"  CUDA graphs off: {manifest.options['cuda_graph_refused']}")
     for tower, entry in manifest.towers.items():
         if entry.lowering:
             print(f"  {tower}: {entry.lowering.summary()}")

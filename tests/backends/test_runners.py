@@ -125,6 +125,41 @@ def test_polygraphy_comparator_compares_a_bundle_runner_with_torch(query_bundle,
     assert len(results[0][1]) == 2  # both iterations ran through the bundle's runner
 
 
+def test_a_runner_on_another_device_leaves_a_shared_module_where_it_is(two_tower_model, query_feed):
+    tower = two_tower_model.query
+    with TorchRunner(tower) as cpu:
+        before = cpu.infer(query_feed)["embedding"]
+        with TorchRunner(tower, "meta") as elsewhere:  # a device torch has everywhere, standing in for cuda
+            assert next(elsewhere.module.parameters()).device.type == "meta"
+            assert all(p.device.type == "cpu" for p in tower.parameters())
+            assert np.array_equal(cpu.infer(query_feed)["embedding"], before)
+
+
+class TF32Probe(torch.nn.Module):
+    """A tower that records whether float32 matmuls on CUDA would have used TF32 while it ran."""
+
+    input_specs = ()
+    output_names = ("seen",)
+
+    def forward(self):
+        self.seen = torch.backends.cuda.matmul.fp32_precision
+        return torch.zeros(1)
+
+
+def test_the_torch_reference_computes_without_tf32_and_restores_the_callers_setting():
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"  # e.g. torch.set_float32_matmul_precision("high") somewhere in the process
+    try:
+        probe = TF32Probe()
+        with TorchRunner(probe) as runner:
+            runner.infer({})
+        assert probe.seen == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = saved
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device visible to torch")
 def test_torch_runner_on_cuda_matches_cpu(two_tower_model, query_feed):

@@ -50,7 +50,8 @@ def test_manifest_records_versions_device_profile_hashes_and_options(towers_dir,
     assert data["versions"]["onnx"] and data["versions"]["torch"] and data["versions"]["dcnc"]
     assert data["device"]["kind"] == "cpu" and data["device"]["cores"] >= 1
     assert data["batch"] == {"min": 2, "opt": 16, "max": 128}
-    assert data["options"]["ort"] == {"threads": None, "opt_level": "all", "device_id": 0, "cuda_graph": False}
+    assert data["options"]["ort"] == {"threads": None, "opt_level": "all", "device_id": 0, "cuda_graph": False,
+                                      "allow_tf32": False}
     assert data["precision"] == "fp32" and data["backend"] == "ort"
     assert data["towers"]["query"]["inputs"][1] == {"name": "profile", "dtype": "float32", "shape": ["batch", 6]}
     for rel, record in data["files"].items():
@@ -194,11 +195,13 @@ def test_ort_cuda_without_onnxruntime_gpu_says_how_to_get_it(towers_dir, tmp_pat
     assert leftovers(tmp_path) == []
 
 
-def test_cuda_graph_on_the_cpu_backend_is_refused(towers_dir, tmp_path):
+@pytest.mark.parametrize(("option", "flag"), [("cuda_graph", "--cuda-graph"), ("allow_tf32", "--allow-tf32")])
+def test_gpu_options_on_the_cpu_backend_are_refused(towers_dir, tmp_path, option, flag):
     from toolkit.backends.ort.loader import OrtOptions
 
-    with pytest.raises(DcncError, match="--cuda-graph needs a GPU backend"):
-        build_bundle(towers_dir, tmp_path / "bundle", ort_options=OrtOptions(cuda_graph=True))
+    with pytest.raises(DcncError, match=f"{flag} needs a GPU backend"):
+        build_bundle(towers_dir, tmp_path / "bundle", ort_options=OrtOptions(**{option: True}))
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize(("text", "expected"), [("1:256:4096", (1, 256, 4096)), ("64", (64, 64, 64))])
@@ -232,6 +235,7 @@ def test_cli_builds_and_prints_one_line(towers_dir, tmp_path):
         ["--threads", "0"],
         ["--trt-opt-level", "9"],
         ["--hardware-compat", "any"],
+        ["--allow-tf32"],
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(towers_dir, tmp_path, args):
@@ -246,7 +250,7 @@ def test_cli_help_explains_every_option():
     assert result.exit_code == 0
     for option in (
         "--out", "--backend", "--precision", "--calib", "--batch", "--force", "--threads", "--ort-opt-level",
-        "--save-optimized", "--device-id", "--cuda-graph", "--trt-opt-level", "--max-aux-streams",
+        "--save-optimized", "--device-id", "--cuda-graph", "--allow-tf32", "--trt-opt-level", "--max-aux-streams",
         "--version-compatible", "--hardware-compat", "--workspace", "--timing-cache",
     ):
         assert option in result.output

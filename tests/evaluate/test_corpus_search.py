@@ -108,7 +108,9 @@ def test_parity_merge_of_scalar_outputs_equals_one_accumulator():
     first.update(reference[:30], candidate[:30])
     second.update(reference[30:], candidate[30:])
     first.merge(second)
-    assert first.result()["cosine_mean"] == pytest.approx(whole.result()["cosine_mean"], rel=1e-12)
+    merged, one = first.result(), whole.result()
+    assert merged["rel_l2"] == pytest.approx(one["rel_l2"], rel=1e-12) and merged["max_abs"] == one["max_abs"]
+    assert merged["cosine_mean"] is None is one["cosine_mean"]  # one value per row: no cosine
 
 
 def test_dense_codes_leave_recall_unchanged():

@@ -114,3 +114,15 @@ def test_branch_timings_are_tabled_and_a_skipped_tower_says_why():
     text = markdown(report)
     assert "| query | 64 | 0.3 | 0.2 | 0.33 | 1.1 |" in text
     assert "skipped: branch timing needs a parallel tower" in text
+
+
+def test_a_cuda_report_says_the_reference_computed_without_tf32():
+    from toolkit.backends.torch_runner import REFERENCE_MATH
+
+    report = make_report()
+    report.device, report.reference_math = "cuda", REFERENCE_MATH
+    assert to_json(report)["reference_math"] == REFERENCE_MATH
+    assert f"> Note: {REFERENCE_MATH}." in markdown(report)
+    console = Console(file=io.StringIO(), width=200)
+    print_summary(report, console)
+    assert "TF32 off" in console.file.getvalue()

@@ -75,10 +75,11 @@ def time_interleaved(
 def device_call(runner: Any, feed: dict[str, np.ndarray], device: str) -> TimedCall:
     """A zero-argument call that runs one batch of `feed` on `runner`, for timing.
 
-    On CPU it is `runner.infer(feed)`: numpy in, numpy out, as a CPU server uses it. On CUDA the inputs are
-    put on the device once, beforehand, and the call runs only the model: a runner's own `device_call(feed)`
-    when it has one; for the torch reference, the module on device tensors; for ONNX Runtime on CUDA, a session
-    run with inputs and outputs bound to device memory; for TensorRT, the engine enqueued on bindings made once.
+    On CPU it is `runner.infer(feed)`: numpy in, numpy out, as a CPU server uses it. On CUDA it is the runner's
+    own `device_call(feed)`: inputs put on the device once, beforehand, and only the model run in the call (the
+    torch module on device tensors, an ONNX Runtime session on bound device memory, a TensorRT engine enqueued
+    on an execution context of its own per batch size). Calls for several batch sizes may be made before any is
+    timed: each keeps its own bindings.
     """
     if device == "cpu":
         if hasattr(runner, "check_feed"):
@@ -87,50 +88,4 @@ def device_call(runner: Any, feed: dict[str, np.ndarray], device: str) -> TimedC
         return lambda: runner.infer(feed)
     if hasattr(runner, "device_call"):
         return runner.device_call(feed)
-    kind = getattr(runner, "kind", None)
-    if kind == "torch":
-        return _torch_device_call(runner, feed)
-    if kind == "ort" and getattr(runner, "uses_cuda", False):
-        return _ort_device_call(runner, feed)
-    if kind == "tensorrt":
-        return _trt_device_call(runner, feed)
     raise DcncError(f"{getattr(runner, 'name', runner)}: cannot time it on CUDA with inputs on the device")
-
-
-def _torch_device_call(runner: Any, feed: dict[str, np.ndarray]) -> TimedCall:
-    import torch
-
-    module = runner.module
-    tensors = [torch.from_numpy(np.ascontiguousarray(feed[s.name])).to(runner.device) for s in module.input_specs]
-
-    def call() -> Any:
-        with torch.inference_mode():
-            return module(*tensors)
-
-    return call
-
-
-def _ort_device_call(runner: Any, feed: dict[str, np.ndarray]) -> TimedCall:
-    import onnxruntime as ort
-
-    session, device_id = runner.session, getattr(runner, "device_id", 0)
-    binding = session.io_binding()
-    inputs = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", device_id) for n, a in feed.items()}
-    for name, value in inputs.items():
-        binding.bind_ortvalue_input(name, value)
-    for node in session.get_outputs():
-        binding.bind_output(node.name, "cuda", device_id)
-    return lambda: session.run_with_iobinding(binding)
-
-
-def _trt_device_call(runner: Any, feed: dict[str, np.ndarray]) -> TimedCall:
-    # TrtRunner._bind copies the inputs to the device and sets every tensor address once; what is timed after
-    # that is the enqueue and the kernels. Reusing it keeps one copy of the binding logic.
-    buffers = runner._bind(feed)
-
-    def call() -> Any:
-        runner._execute()
-        runner.stream.synchronize()
-        return buffers
-
-    return call

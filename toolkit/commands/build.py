@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from toolkit.backends import BACKENDS, require_backend
@@ -228,8 +228,9 @@ def build_bundle(
         raise DcncError("--save-optimized is an ONNX Runtime option; TensorRT bundles always hold an engine")
     if timing_cache is not None and backend != "tensorrt":
         raise DcncError("--timing-cache is a TensorRT option (use it with --backend tensorrt)")
-    if ort_options is not None and ort_options.cuda_graph and backend == "ort":
-        raise DcncError("--cuda-graph needs a GPU backend (ort-cuda or tensorrt), not ort")
+    if backend == "ort" and ort_options is not None and (ort_options.cuda_graph or ort_options.allow_tf32):
+        flag = "--cuda-graph" if ort_options.cuda_graph else "--allow-tf32"
+        raise DcncError(f"{flag} needs a GPU backend (ort-cuda or tensorrt), not ort")
     towers = find_towers(model)
     batch = batch_profile(batch, towers)
     require_backend(backend)
@@ -285,7 +286,8 @@ def build_bundle(
                 entry.engine_info = build_engine(tmp / onnx_rel, tmp / entry.engine, entry.inputs, batch, trt_options, cache)
                 portable[entry.engine] = False
             else:
-                _check_ort_session(tmp, entry, tower, backend, ort_options, save_optimized, portable)
+                ort_options = _check_ort_session(tmp, entry, tower, backend, ort_options, save_optimized, portable,
+                                                 manifest)  # fmt: skip
             manifest.towers[tower] = entry
         _check_kept_nodes(lower, manifest)
         if backend == "tensorrt":
@@ -302,17 +304,30 @@ def _check_kept_nodes(lower: Lowering, manifest: Manifest) -> None:
         raise DcncError(f"--keep-fp32 {missing[0]!r}: no tower graph has a node of that name")
 
 
-def _check_ort_session(tmp: Path, entry: TowerEntry, tower: str, backend: str, options, save_optimized: bool, portable: dict) -> None:
+def _check_ort_session(tmp: Path, entry: TowerEntry, tower: str, backend: str, options, save_optimized: bool,
+                       portable: dict, manifest: Manifest):  # fmt: skip
     """Open the lowered graph in ONNX Runtime (so a bundle that cannot load is never written), saving ORT's
-    optimised graph when asked."""
-    from toolkit.backends.ort.loader import ort_session, save_optimized_graph
+    optimised graph when asked. Returns the options the bundle runs with: when onnxruntime cannot capture this
+    tower in CUDA graphs, the bundle records cuda_graph off (for every tower) and ORT's reason."""
+    from toolkit.backends.ort.loader import (
+        CudaGraphRefused,
+        ort_session,
+        save_optimized_graph,
+    )
 
-    if save_optimized:
-        entry.optimized_onnx = f"{tower}.ort-optimized.onnx"
-        save_optimized_graph(tmp / entry.onnx, tmp / entry.optimized_onnx, backend, options)
-        portable[entry.optimized_onnx] = False
-    else:
-        ort_session(tmp / entry.onnx, backend, options)
+    try:
+        if save_optimized:
+            entry.optimized_onnx = f"{tower}.ort-optimized.onnx"
+            save_optimized_graph(tmp / entry.onnx, tmp / entry.optimized_onnx, backend, options)
+            portable[entry.optimized_onnx] = False
+        else:
+            ort_session(tmp / entry.onnx, backend, options)
+    except CudaGraphRefused as refused:
+        options = replace(options, cuda_graph=False)
+        manifest.options["ort"] = options.to_dict()
+        manifest.options["cuda_graph_refused"] = str(refused)
+        return _check_ort_session(tmp, entry, tower, backend, options, save_optimized, portable, manifest)
+    return options
 
 
 def _prepare_timing_cache(tmp: Path, out: Path, timing_cache, trt_options, manifest: Manifest) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.backends.bundle import check_bundle, tower_runner
-from toolkit.backends.torch_runner import TorchRunner, torch_threads
+from toolkit.backends.torch_runner import REFERENCE_MATH, TorchRunner, torch_threads
 from toolkit.commands.embed.command import EngineOptions
 from toolkit.commands.embed.corpus_pass import corpus_scan
 from toolkit.core.errors import DcncError
@@ -116,6 +116,8 @@ def verify(
     emulated = emulated_runners(Path(bundle), manifest, device)
     names = {"reference": str(reference), "candidate": str(bundle), "precision": manifest.precision,
              "data": str(data) if corpus is None else f"{data} (queries), {evaluation.corpus} (items)"}
+    if device == "cuda":  # where TF32 could otherwise have been on
+        names["reference_math"] = REFERENCE_MATH
     if emulated:
         names["emulation"] = (
             f"{manifest.precision} answers computed under half emulation on CPU (every half tensor rounded as a GPU"

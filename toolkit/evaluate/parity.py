@@ -26,7 +26,8 @@ DEFAULT_MIN_COSINE = 0.99999
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass when |candidate - reference| <= atol + rtol * |reference| everywhere and cosine >= min_cosine.
+    """Pass when |candidate - reference| <= atol + rtol * |reference| everywhere and each row's cosine >= min_cosine
+    (outputs with one value per row have no cosine: the elementwise check alone judges them).
 
     atol None: DEFAULT_ATOL_SCALE x the output's scale, so an error of 1e-5 of the scale passes whatever the
     output's magnitude (a logit of 30 and a unit-norm embedding are judged alike).
@@ -95,10 +96,11 @@ def _compare_one(name: str, ref: np.ndarray, cand: np.ndarray | None, tol: Toler
     max_abs = float(err[at]) if err.size else 0.0
     rel = max_abs / abs(r[at]) if err.size and r[at] != 0 else (0.0 if max_abs == 0 else float("inf"))
     cos = ParityAccumulator.of(ref, cand)["cosine_min"]
+    cos = float("nan") if cos is None else cos
     return OutputParity(
         output=name,
         case=case,
-        passed=mismatched == 0 and cos >= tol.min_cosine,
+        passed=mismatched == 0 and not cos < tol.min_cosine,  # NaN: no cosine to judge
         max_abs=max_abs,
         where=tuple(int(i) for i in np.unravel_index(at, ref.shape)) if ref.ndim and err.size else (),
         rel_err=float(rel),
@@ -114,9 +116,11 @@ class ParityAccumulator:
     """Elementwise agreement of a candidate output with the reference, accumulated over batches.
 
     Reported: max_abs and quantiles of |candidate - reference|, rel_l2 = ||c - r|| / ||r||, cosine mean and min
-    per sample (a sample's output flattened; a [B] output has one scalar per sample, so its cosine is taken over
-    the whole vector), counts of NaN / Inf on each side, and the histogram of |c - r| (see `histogram`). Error
-    statistics use positions where both sides are finite; the counts say how many were not.
+    per row (a sample's output flattened), counts of NaN / Inf on each side, and the histogram of |c - r| (see
+    `histogram`). An output with one value per row ([B] or [B, 1]: a logit) has no cosine (None: a cosine of
+    two scalars is only their signs' agreement, and one over the whole batch hides any single row); its
+    rel_l2 and max_abs judge it. Error statistics use positions where both sides are finite; the counts say
+    how many were not.
     """
 
     def __init__(self) -> None:
@@ -130,8 +134,7 @@ class ParityAccumulator:
         self.cos_sum = 0.0
         self.cos_min = np.inf
         self.rows = 0
-        self.dot = self.norm_ref = self.norm_cand = 0.0  # for [B] outputs: one cosine over all samples
-        self.vector_output = False
+        self.scalar_rows = False  # one value per row: no cosine
         self.nonfinite = {"reference_nan": 0, "reference_inf": 0, "candidate_nan": 0, "candidate_inf": 0}
 
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
@@ -151,11 +154,8 @@ class ParityAccumulator:
             self.bins += np.bincount(np.searchsorted(self.edges, error), minlength=len(self.bins))
         self.sq_diff += float(np.sum((cand - ref) ** 2))
         self.sq_ref += float(np.sum(ref**2))
-        if ref.ndim <= 1:
-            self.vector_output = True
-            self.dot += float(np.dot(ref.ravel(), cand.ravel()))
-            self.norm_ref += float(np.sum(ref**2))
-            self.norm_cand += float(np.sum(cand**2))
+        if ref.ndim <= 1 or ref[0].size == 1:
+            self.scalar_rows = True
             return
         rows_ref, rows_cand = ref.reshape(len(ref), -1), cand.reshape(len(cand), -1)
         cosine = _cosine_rows(rows_ref, rows_cand)
@@ -173,10 +173,7 @@ class ParityAccumulator:
         self.cos_sum += other.cos_sum
         self.cos_min = min(self.cos_min, other.cos_min)
         self.rows += other.rows
-        self.dot += other.dot
-        self.norm_ref += other.norm_ref
-        self.norm_cand += other.norm_cand
-        self.vector_output = self.vector_output or other.vector_output
+        self.scalar_rows = self.scalar_rows or other.scalar_rows
         for key, count in other.nonfinite.items():
             self.nonfinite[key] += count
 
@@ -214,30 +211,17 @@ class ParityAccumulator:
         return accumulator.result()
 
     def result(self) -> dict[str, Any]:
-        if self.vector_output:
-            cos = _cosine(self.dot, self.norm_ref, self.norm_cand)
-            cos_mean = cos_min = cos
-        else:
-            cos_mean = self.cos_sum / self.rows if self.rows else float("nan")
-            cos_min = self.cos_min if self.rows else float("nan")
+        cosine = not self.scalar_rows and self.rows > 0
         return {
             "max_abs": self.max_abs if self.count else float("nan"),
             "rel_l2": float(np.sqrt(self.sq_diff) / np.sqrt(self.sq_ref)) if self.sq_ref > 0 else float(np.sqrt(self.sq_diff)),
-            "cosine_mean": float(cos_mean),
-            "cosine_min": float(cos_min),
+            "cosine_mean": self.cos_sum / self.rows if cosine else None,
+            "cosine_min": self.cos_min if cosine else None,
             "error_quantiles": {f"p{100 * q:g}": self.quantile(q) for q in QUANTILES},
             "elements": self.count,
             **self.nonfinite,
             "histogram": self.histogram(),
         }
-
-
-def _cosine(dot: float, sq_a: float, sq_b: float) -> float:
-    if sq_a == 0.0 and sq_b == 0.0:
-        return 1.0  # two zero vectors agree exactly
-    if sq_a == 0.0 or sq_b == 0.0:
-        return 0.0
-    return dot / np.sqrt(sq_a * sq_b)
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

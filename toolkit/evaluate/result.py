@@ -48,6 +48,7 @@ class Report:
     thresholds: dict[str, Any] = field(default_factory=dict)
     data: str = ""
     emulation: str | None = None  # how the candidate's answers were computed, when not by the bundle itself
+    reference_math: str | None = None  # how the reference computed, where it could differ (TF32 on CUDA)
     quality_absent: str | None = None  # why the data gave no quality metric (numeric-only verify)
     seconds: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)

@@ -175,9 +175,12 @@ def retrieval_figures(
     recall_cand = metrics.recall_at_k(top_cand, relevance, ks)
     ratio = {k: recall_cand[k] / recall_ref[k] if recall_ref[k] > 0 else float(recall_cand[k] == 0) for k in ks}
     agreement = metrics.agreement_at_k(top_ref, top_cand, ks)
-    # The smallest step of the recall ratio: one hit at a query with a single relevant item.
-    judged = len(np.unique(relevance[:, 0]))
-    resolution = {k: 1.0 / (judged * recall_ref[k]) if recall_ref[k] > 0 else 1.0 for k in ks}
+    # The step of the recall ratio one hit at a typical query makes: recall is a mean over the judged queries of
+    # hits / relevant items, so one hit at a query with the median number of relevant items moves it by
+    # 1 / (judged * median); relative to the reference's recall, that is the ratio's resolution.
+    queries, per_query = np.unique(np.unique(relevance, axis=0)[:, 0], return_counts=True)
+    step = 1.0 / (len(queries) * float(np.median(per_query)))
+    resolution = {k: step / recall_ref[k] if recall_ref[k] > 0 else 1.0 for k in ks}
     return {
         "recall": {"reference": _by_k(recall_ref), "candidate": _by_k(recall_cand)},
         "recall_ratio": _by_k(ratio),
@@ -274,10 +277,10 @@ def verify_runners(
 ) -> Report:
     """Compare active runners tower by tower (reference and candidate share tower names) and gate the result.
 
-    names: "reference", "candidate", "precision", "data", "emulation" shown in the report. baseline: an earlier
-    report whose latency this run must not regress beyond its own noise. timed: the runners latency is
-    measured on, when `candidate` answers through an emulation of them (default: the candidates). load: the
-    machine's at the start, recorded with the latency.
+    names: "reference", "candidate", "precision", "data", "emulation", "reference_math" shown in the report.
+    baseline: an earlier report whose latency this run must not regress beyond its own noise. timed: the runners
+    latency is measured on, when `candidate` answers through an emulation of them (default: the candidates).
+    load: the machine's at the start, recorded with the latency.
     """
     options = options or VerifyOptions()
     names = names or {}
@@ -337,6 +340,7 @@ def verify_runners(
         thresholds=dataclasses.asdict(thresholds),
         data=names.get("data", ""),
         emulation=names.get("emulation"),
+        reference_math=names.get("reference_math"),
         quality_absent=data.why if isinstance(data, NumericEval) else None,
         seconds=time.perf_counter() - start,
         machine=machine_info(device),

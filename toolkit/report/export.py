@@ -39,7 +39,7 @@ def worst_table(checks: dict[str, list[OutputParity]], limit: int = 10) -> Table
             str(list(c.where)) if c.where else "-",
             f"{c.rel_err:.3g}",
             f"{c.error_to_scale:.3g}",
-            f"{c.cosine:.7f}",
+            "n/a" if np.isnan(c.cosine) else f"{c.cosine:.7f}",
             verdict,
         )
     return table
@@ -62,7 +62,7 @@ def export_table(results: list[ExportResult], title: str) -> Table:
             "\n".join(map(str, result.inputs)),
             "\n".join(result.outputs),
             f"{worst.max_abs:.2g} ({worst.error_to_scale:.1e})" if worst else "not validated",
-            f"{min(c.cosine for c in checks):.7f}" if checks else "-",
+            _lowest_cosine(checks),
         )
     return table
 
@@ -74,3 +74,9 @@ def pass_lines(results: list[ExportResult]) -> list[str]:
         steps = ", ".join(f"{r.name} {r.nodes_before}->{r.nodes_after}" for r in result.passes) or "none"
         lines.append(f"passes ({result.tower}, nodes): {steps}")
     return lines
+
+
+def _lowest_cosine(checks: list[OutputParity]) -> str:
+    """The lowest row cosine of the checks; n/a where every output has one value per row (no cosine)."""
+    cosines = [c.cosine for c in checks if not np.isnan(c.cosine)]
+    return f"{min(cosines):.7f}" if cosines else ("n/a" if checks else "-")

@@ -315,8 +315,9 @@ def _target(index: int, name: str, report: dict[str, Any]) -> str:
     took = f"; verified in {seconds:.1f} s" if usable(seconds) else ""
     parts = [f'<section id="target-{index}"><h2>{escape(name)} {_badge(report.get("passed"))}</h2>',
              f"<p>{facts}{took}.</p>" if facts else ""]
-    if report.get("emulation"):
-        parts.append(f'<p class="note">Note: {escape(str(report["emulation"]))}.</p>')
+    for key in ("reference_math", "emulation"):
+        if report.get(key):
+            parts.append(f'<p class="note">Note: {escape(str(report[key]))}.</p>')
     if report.get("quality_absent"):
         parts.append(f'<p class="note">Quality not measured: {escape(str(report["quality_absent"]))}.</p>')
     parts += [_gates(report), _parity(report)]

@@ -29,6 +29,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "device": report.device,
         "data": report.data,
         "emulation": report.emulation,
+        "reference_math": report.reference_math,
         "quality_absent": report.quality_absent,
         "gates": [g.to_json() for g in report.gates],
         "thresholds": report.thresholds,
@@ -148,7 +149,7 @@ def markdown(report: Report) -> str:
         f"Reference `{report.reference}`, candidate `{report.candidate}` ({report.precision}, {report.device}), "
         f"data `{report.data}`, {report.seconds:.1f} s on {report.machine.get('host', '?')} "
         f"({report.machine.get('processor', '?')}, {report.machine.get('cpu_count', '?')} cores).",
-        *([f"> Note: {report.emulation}."] if report.emulation else []),
+        *(f"> Note: {note}." for note in (report.reference_math, report.emulation) if note),
         *([f"> Quality not measured: {report.quality_absent}."] if report.quality_absent else []),
         "## Gates",
         _md_table(("gate", "value", "threshold", "result"), _gate_rows(report)),
@@ -226,8 +227,9 @@ def print_summary(report: Report, console: Console) -> None:
         console.print(table(f"Latency ({report.latency['timer']})", LATENCY_HEADER, _latency_rows(report)))
         if _branch_rows(report):
             console.print(table("Branches (ORT CPU)", BRANCH_HEADER, _branch_rows(report)))
-    if report.emulation:
-        console.print(labelled("note:", "yellow", report.emulation))
+    for note in (report.reference_math, report.emulation):
+        if note:
+            console.print(labelled("note:", "yellow", note))
     if report.quality_absent:
         console.print(labelled("quality not measured:", "yellow", report.quality_absent))
     if report.passed:

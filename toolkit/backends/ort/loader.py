@@ -1,11 +1,13 @@
 """ONNX Runtime sessions tuned for the target: session options, CUDA provider options, and the saved optimised graph.
 
 CPU: the sequential executor with intra-op threads = usable cores (ORT's parallel executor is deprecated on CPU
-and measured 2x slower here). CUDA: the CUDA execution provider on one device, optionally with CUDA graphs.
+and measured 2x slower here). CUDA: the CUDA execution provider on one device, FP32 math without TF32 unless
+allowed, optionally with CUDA graphs.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +18,14 @@ from toolkit.core.machine import usable_cores
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
+# How onnxruntime refuses CUDA graphs for a model with nodes off the CUDA provider (or control flow): "This session
+# cannot use the graph capture feature as requested by the user as all compute graph nodes have not been
+# partitioned to the CUDAExecutionProvider" (1.17 and later; "the CUDA Graph feature ... the CUDA EP" before).
+CUDA_GRAPH_REFUSAL = re.compile(r"cannot use the (graph capture|CUDA Graph) feature", re.IGNORECASE)
+
+
+class CudaGraphRefused(DcncError):
+    """onnxruntime cannot capture this model in CUDA graphs (a node runs off the CUDA provider, or control flow)."""
 
 
 @dataclass(frozen=True)
@@ -27,12 +37,16 @@ class OrtOptions:
         opt_level: ORT graph optimisation level, one of OPT_LEVELS (default "all").
         device_id: CUDA device for `ort-cuda` (default 0).
         cuda_graph: capture CUDA graphs in `ort-cuda` (one per batch size; needs every node on the CUDA EP).
+        allow_tf32: let `ort-cuda` compute FP32 MatMul / Gemm in TF32 (default False). The CUDA provider's own
+            default is on (`use_tf32`), which rounds their inputs to 10-bit mantissas: rel L2 1e-4 to 3e-3 on the
+            example towers, over the fp32 gate of 1e-4, and not what the torch reference computes.
     """
 
     threads: int | None = None
     opt_level: str = "all"
     device_id: int = 0
     cuda_graph: bool = False
+    allow_tf32: bool = False
 
     def __post_init__(self):
         if self.opt_level not in OPT_LEVELS:
@@ -60,7 +74,14 @@ def require_onnxruntime() -> str:
 
 
 def require_cuda_provider() -> str:
-    """The onnxruntime version, if it has the CUDA execution provider; DcncError saying how to get it if not."""
+    """The onnxruntime version, if it has the CUDA execution provider; DcncError saying how to get it if not.
+
+    torch is imported first: it loads the CUDA runtime, cuBLAS and cuDNN of its nvidia wheels into the process,
+    where the CUDA provider finds them when its library is loaded. onnxruntime.preload_dlls() looks for them only
+    beside onnxruntime on Linux (<onnxruntime>/../nvidia/cu13/lib for CUDA 13), so it finds nothing when
+    onnxruntime-gpu was installed apart from torch's environment (pip --target)."""
+    import torch  # noqa: F401  (see above)
+
     ort = _onnxruntime()
     available = ort.get_available_providers()
     if CUDA_PROVIDER not in available:
@@ -115,8 +136,17 @@ def providers(backend: str, options: OrtOptions) -> list:
     """Execution providers in priority order, with the CUDA provider's options for `ort-cuda`."""
     if backend == "ort":
         return [CPU_PROVIDER]
-    cuda = {"device_id": str(options.device_id), "enable_cuda_graph": "1" if options.cuda_graph else "0"}
+    cuda = {
+        "device_id": str(options.device_id),
+        "enable_cuda_graph": "1" if options.cuda_graph else "0",
+        "use_tf32": "1" if options.allow_tf32 else "0",
+    }
     return [(CUDA_PROVIDER, cuda), CPU_PROVIDER]
+
+
+def captures_cuda_graphs(session) -> bool:
+    """Whether a session runs under CUDA graphs (what its CUDA provider was actually given)."""
+    return session.get_provider_options().get(CUDA_PROVIDER, {}).get("enable_cuda_graph") == "1"
 
 
 def ort_session(
@@ -140,7 +170,8 @@ def ort_session(
         optimized_model_path / preoptimized / profile_prefix: see session_options.
         where: names the model in errors (default: the path, or "graph").
 
-    Raises DcncError in one line when onnxruntime cannot load the model or (ort-cuda) runs it off the GPU.
+    Raises DcncError in one line when onnxruntime cannot load the model or (ort-cuda) runs it off the GPU;
+    CudaGraphRefused when `options.cuda_graph` asks for CUDA graphs that onnxruntime cannot capture for it.
     """
     ort = _onnxruntime()
     options = options or OrtOptions()
@@ -154,11 +185,8 @@ def ort_session(
     try:
         session = ort.InferenceSession(source, sess_options=so, providers=providers(backend, options))
     except Exception as err:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
-        if options.cuda_graph and "CUDA Graph" in str(err):
-            # Some node fell back to the CPU provider, so this model cannot be captured: run it uncaptured.
-            uncaptured = OrtOptions(**{**options.to_dict(), "cuda_graph": False})
-            return ort_session(model, backend, uncaptured, spinning=spinning, optimized_model_path=optimized_model_path,
-                               preoptimized=preoptimized, profile_prefix=profile_prefix, where=where)  # fmt: skip
+        if options.cuda_graph and CUDA_GRAPH_REFUSAL.search(str(err)):
+            raise CudaGraphRefused(f"{where}: onnxruntime cannot capture it in CUDA graphs ({first_line(err)})") from None
         raise DcncError(f"{where}: onnxruntime cannot load it ({first_line(err)})") from None
     if backend == "ort-cuda" and session.get_providers()[0] != CUDA_PROVIDER:
         raise DcncError(

@@ -1,7 +1,8 @@
 """TensorRT build settings: the options dcnc exposes, the optimisation profile from `--batch`, and the builder config.
 
 Precision is not set here: the network is strongly typed, so the lowered ONNX decides it (TensorRT 11 removed
-BuilderFlag.FP16/INT8 and calibrators). TF32 stays off so an fp32 engine computes in fp32, as verified on CPU.
+BuilderFlag.FP16/INT8 and calibrators). TF32 stays off (TensorRT's builder turns it on by default; polygraphy's
+CreateConfig clears it unless tf32=True) so an fp32 engine computes in fp32, as verified on CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class TrtOptions:
         workspace_mib: cap on the builder's workspace memory pool in MiB (default: TensorRT's, the device memory).
         device_id: the CUDA device to build and run on (default 0).
         cuda_graph: the runner captures one CUDA graph per batch size and replays it (default False).
+        allow_tf32: let FP32 layers compute in TF32 (default False: inputs rounded to 10-bit mantissas, which the
+            fp32 gates and the FP32 torch reference do not expect).
     """
 
     opt_level: int = 3
@@ -40,6 +43,7 @@ class TrtOptions:
     workspace_mib: int | None = None
     device_id: int = 0
     cuda_graph: bool = False
+    allow_tf32: bool = False
 
     def __post_init__(self):
         if not 0 <= self.opt_level <= 5:
@@ -80,7 +84,8 @@ def optimization_profile(inputs: list[dict], batch: tuple[int, int, int]):
 
 def create_config(options: TrtOptions, profile, timing_cache_path: str | None):
     """polygraphy CreateConfig: profile, timing cache, optimisation level, aux streams, compatibility,
-    DETAILED profiling verbosity (so the engine inspector reports each layer's precision). No precision flags."""
+    DETAILED profiling verbosity (so the engine inspector reports each layer's precision). No precision flags;
+    TF32 only with `allow_tf32`."""
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig
 
@@ -92,6 +97,7 @@ def create_config(options: TrtOptions, profile, timing_cache_path: str | None):
         pools = {trt.MemoryPoolType.WORKSPACE: options.workspace_mib << 20}
     return CreateConfig(
         profiles=[profile],
+        tf32=options.allow_tf32,
         load_timing_cache=timing_cache_path,
         builder_optimization_level=options.opt_level,
         max_aux_streams=options.max_aux_streams,

@@ -142,7 +142,11 @@ class EngineFromPath:
 
 
 def layer_precision(layer: dict) -> str:
-    """fp32 / fp16 / bf16 / int8 / fp8 / int32 / int64 / bool from a layer's first output 'Format/Datatype'."""
+    """fp32 / fp16 / bf16 / int8 / fp8 / int32 / int64 / bool from a layer's first output 'Format/Datatype';
+    "mixed" for a Myelin layer ("{ForeignNode[first...last]}"): a whole subgraph TensorRT's compiler fused, whose
+    first output's type says nothing of what runs inside it (a mostly FP16 subgraph ending in an FP32 cast)."""
+    if layer.get("LayerType") == "Myelin" or str(layer.get("Name", "")).startswith("{ForeignNode["):
+        return "mixed"
     tensors = layer.get("Outputs") or layer.get("Inputs") or []
     text = str(tensors[0].get("Format/Datatype", "")) if tensors and isinstance(tensors[0], dict) else ""
     lowered = text.lower()
@@ -156,7 +160,8 @@ def layer_precision(layer: dict) -> str:
 
 
 def inspect_engine(engine) -> dict:
-    """The engine inspector's layer list (name, type, precision, tactic) and how many aux streams the engine uses."""
+    """The engine inspector's layer list (name, type, precision, tactic), the count of layers per precision
+    (fused Myelin subgraphs as "mixed": layer_precision) and how many aux streams the engine uses."""
     trt = _tensorrt()
     inspector = engine.create_engine_inspector()
     information = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))

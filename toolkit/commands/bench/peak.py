@@ -14,7 +14,6 @@ For int8 the figure counts integer operations (GOP/s); it is reported under the 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -128,6 +127,7 @@ def ort_matmul_peak(
     """Peak of a one-MatMul graph in ONNX Runtime: `ort` (CPU, timed on the host clock) or `ort-cuda` (inputs
     bound on the device, timed with CUDA events). Raises DcncError when the runtime has no kernel for it."""
     from toolkit.backends.ort.loader import OrtOptions, ort_session
+    from toolkit.backends.ort.runner import OrtRunner
 
     device = "cuda" if backend == "ort-cuda" else "cpu"
     n = n or DEFAULT_N[device]
@@ -140,8 +140,10 @@ def ort_matmul_peak(
         def call():
             return session.run(None, feed)
 
-    else:  # the inputs bound in device memory once, as latency.device_call does for the benchmark's ORT runners
-        call = device_call(SimpleNamespace(kind="ort", uses_cuda=True, session=session, device_id=0), feed, device)
+    else:  # the inputs bound in device memory once, as device_call does for the benchmark's ORT runners
+        runner = OrtRunner(session, name=f"{precision} MatMul")
+        runner.activate()
+        call = device_call(runner, feed, device)
     samples = time_interleaved({"matmul": call}, warmup, repeats, timer_for(device))["matmul"]
     return _from_samples(backend, device, precision, n, samples)
 
