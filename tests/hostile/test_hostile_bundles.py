@@ -77,20 +77,23 @@ def test_package_does_not_copy_a_host_file_an_onnx_names_by_absolute_path(own_ca
     assert not (tmp_path / "models").exists()
 
 
+EXTERNAL = {  # where the ONNX says its weights are, where they really are, what the refusal says
+    "climbing-out": ("../outside.data", lambda c: c.root / "outside.data",
+                     "names '../outside.data', which resolves outside"),
+    # load_manifest promises every file a bundle uses is hashed: an ONNX's external data is such a file
+    "not-hashed": ("weights.data", lambda c: c.bundle / "weights.data",
+                   "reads its weights from weights.data, which the manifest does not hash"),
+}
+
+
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_an_external_data_location_that_climbs_out_of_the_bundle_is_refused(command, own_case, tmp_path):
-    point_weights_at(own_case.bundle, "../outside.data", own_case.root / "outside.data")
+@pytest.mark.parametrize("name", list(EXTERNAL))
+def test_external_data_outside_the_bundle_or_its_manifest_is_refused(name, command, own_case, tmp_path):
+    location, real, message = EXTERNAL[name]
+    point_weights_at(own_case.bundle, location, real(own_case))
     result = dcnc(*COMMANDS[command](own_case, tmp_path))
-    assert_one_line(result, "names '../outside.data', which resolves outside")
+    assert_one_line(result, message)
     assert not (tmp_path / "models").exists()
-
-
-@pytest.mark.parametrize("command", list(COMMANDS))
-def test_weights_the_manifest_does_not_hash_are_refused(command, own_case, tmp_path):
-    """load_manifest promises every file a bundle uses is hashed: an ONNX's external data is such a file."""
-    point_weights_at(own_case.bundle, "weights.data", own_case.bundle / "weights.data")
-    result = dcnc(*COMMANDS[command](own_case, tmp_path))
-    assert_one_line(result, "reads its weights from weights.data, which the manifest does not hash")
 
 
 @pytest.mark.parametrize("rel", ["../model.pt", "/etc/hostname", "sub/../../model.pt", ""])
