@@ -128,7 +128,7 @@ def _overview(reports: dict[str, dict[str, Any]]) -> str:
                      _quality_summary(report), _speedup_summary(report), ", ".join(failed) or "none"])
         classes.append({True: "pass", False: "fail"}.get(report.get("passed"), ""))
     header = ["target", "result", "precision", "device", "cosine min", "recall / AUC ratio (worst)",
-              "p50 speedup (largest batch)", "failed gates"]
+              "speedup, 95% (largest batch)", "failed gates"]
     return _table(header, rows, classes, numeric=(4, 7))
 
 
