@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from toolkit import __version__
-from toolkit.core.errors import DcncError, GateFailed
+from toolkit.core.errors import DcncError, GateFailed, first_line
+from toolkit.core.logcapture import LogCapture
 from toolkit.core.machine import quiet_openmp
+from toolkit.report.terminal import labelled, literal_console
 
 app = typer.Typer(
     name="dcnc",
@@ -22,27 +23,67 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = literal_console(stderr=True)
+LOG_SETTINGS: dict[str, Any] = {"verbose": False, "log": None}  # set by the global --verbose / --log options
+# filesystem states dcnc cannot change (full disk, read-only, permissions): bad environment, exit 2, not a bug
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                      errno.ENAMETOOLONG, errno.EFBIG, errno.EMFILE, errno.ENFILE}
+
+
+def say(label: str, style: str, text: str) -> None:
+    """The one way a message reaches stderr: dcnc's styled label, then `text` exactly as it is (never markup)."""
+    console.print(labelled(label, style, text), soft_wrap=True)
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn DcncError into one red line and exit 2, GateFailed into its message and exit 1."""
+    """The CLI's edge. DcncError -> one red line, exit 2; GateFailed -> its message, exit 1; an environment's
+    filesystem error -> one line, exit 2; anything else -> one line naming the log file that holds the traceback,
+    exit 3. Library logging is held off the terminal meanwhile (toolkit.core.logcapture)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except DcncError as err:  # escaped: a message may hold brackets rich would take for markup ('dcnc[ray]')
-            console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
-        except GateFailed as err:
-            console.print(f"[red]FAILED:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/yellow]")
-            raise typer.Exit(130) from None
+        with LogCapture(LOG_SETTINGS["verbose"]) as capture:
+            failure: BaseException | None = None
+            try:
+                return command(*args, **kwargs)
+            except DcncError as err:
+                say("error:", "red", str(err))
+                raise typer.Exit(err.exit_code) from None
+            except GateFailed as err:
+                say("FAILED:", "red", str(err))
+                raise typer.Exit(err.exit_code) from None
+            except KeyboardInterrupt:
+                say("interrupted", "yellow", "")
+                raise typer.Exit(130) from None
+            except (typer.Exit, typer.Abort):
+                raise
+            except OSError as err:
+                if err.errno not in ENVIRONMENT_ERRNOS:
+                    failure = err
+                    raise typer.Exit(3) from None
+                say("error:", "red", f"{err.filename or 'a file'}: {err.strerror or err}")
+                raise typer.Exit(2) from None
+            except Exception as err:  # a bug in dcnc (or a library it calls): never a traceback on the terminal
+                failure = err
+                raise typer.Exit(3) from None
+            finally:
+                _keep_log(capture, failure)
 
     return wrapper
+
+
+def _keep_log(capture: LogCapture, failure: BaseException | None) -> None:
+    """Write the held log to --log, and on an internal error (to --log, else a new file) with its traceback."""
+    path = LOG_SETTINGS["log"]
+    if failure is None and path is None:
+        return
+    try:
+        written = capture.write(path, failure)
+    except OSError as err:
+        written = f"nowhere: the log could not be written ({err.strerror})"
+    if failure is not None:
+        say("internal error:", "red", f"{type(failure).__name__}: {first_line(failure)[:300]} (traceback in"
+            f" {written}); exit 3 means a bug in dcnc, please report it with that file")
 
 
 def _version(value: bool) -> None:
@@ -54,8 +95,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show the libraries' logging and warnings (torch, onnx, onnxruntime) on stderr; without it they are held off the terminal, so a failure prints dcnc's one line."),
+    log: str = typer.Option(None, "--log", help="Append the libraries' logging and warnings, and the traceback of an internal error, to this file. Default: an internal error (exit 3) writes a new file under the temp folder's dcnc-logs/ and names it."),
 ) -> None:
-    """Deployment compiler for DCNv2 recommender towers: export, build, verify."""
+    """Deployment compiler for DCNv2 recommender towers: export, build, verify.
+
+    Exit codes: 0 ok; 1 a gate failed; 2 bad usage or input (one line saying what and where); 3 an internal
+    error (one line naming the log file with the traceback).
+    """
+    LOG_SETTINGS.update(verbose=verbose, log=log)
 
 
 # --- dcnc export ----------------------------------------------------------------------------------------------
@@ -67,7 +115,7 @@ A dcnc checkpoint (spec + weights; its towers and inputs come with it): `dcnc ex
 
 A torch.export program saved with torch.export.save (its dynamic dimensions are kept): `dcnc export tower.pt2 -o tower.onnx`.
 
-An import path package.module:factory, the factory returning an nn.Module (run from the folder holding the package, or install it): `dcnc export mypkg.towers:make_ranker --weights ranker_state.pt --input user_id:int64:B:100000 --input dense:float32:B,32 -o ranker.onnx`.
+An import path package.module:factory, the factory returning an nn.Module; dcnc imports it and calls the factory, so this runs your code (run from the folder holding the package, which dcnc adds to the end of sys.path, or install it; PYTHONPATH=. puts the folder first; see SECURITY.md): `dcnc export mypkg.towers:make_ranker --weights ranker_state.pt --input user_id:int64:B:100000 --input dense:float32:B,32 -o ranker.onnx`.
 
 Exit codes: 0 exported and validated; 1 validation failed (the files are kept for inspection); 2 bad input, or an export the exporter cannot do (nothing is written)."""
 
@@ -98,15 +146,15 @@ def export(
     pipeline = pass_pipeline(passes)  # an unknown pass is refused before the model loads
     loaded = load_model(model, inputs, weights)
     for note in loaded.notes:
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        say("note:", "yellow", note)
     try:
         results = export_model(loaded, out, opset, validate, atol, rtol, towers, force, validate_batch, pipeline)
     except ParityFailed as failed:
-        Console().print(worst_table(failed.checks))
+        literal_console().print(worst_table(failed.checks))
         raise
-    Console().print(export_table(results, f"exported {loaded.source} (opset {opset})"))
+    literal_console().print(export_table(results, f"exported {loaded.source} (opset {opset})"))
     for line in pass_lines(results):
-        Console().print(line, highlight=False, soft_wrap=True)
+        literal_console().print(line, highlight=False, soft_wrap=True)
 
 
 # --- dcnc verify ----------------------------------------------------------------------------------------------
@@ -180,19 +228,11 @@ def verify(
     if not corpus and (engine != "local" or address or concurrency or num_gpus):
         raise DcncError("--engine, --address, --concurrency and --num-gpus choose where --corpus is embedded; pass --corpus")
     engine_options = EngineOptions(engine, address, None, concurrency, num_gpus, progress=not quiet)
+    written = {"report": report, "junit": junit, "markdown": markdown, "html": html}
     result = run_verify(reference, bundle, data, device, options, gates, overrides, baseline, branches, inputs, weights,
-                        require_quality, Corpus(corpus, engine_options, id_column) if corpus else None)  # fmt: skip
-    for path, write in ((report, reports.write_json), (junit, reports.write_junit), (markdown, reports.write_markdown)):
-        if path:
-            write(result, path)
-    if html:
-        from pathlib import Path
-
-        from toolkit.report.html import write_html
-
-        target = Path(bundle).resolve().name
-        write_html({target: reports.to_json(result)}, html, title=f"dcnc verify: {target}")
-    reports.print_summary(result, Console())
+                        require_quality, Corpus(corpus, engine_options, id_column) if corpus else None,
+                        outputs=written)  # fmt: skip
+    reports.print_summary(result, literal_console())
     if html:
         print(f"HTML report: {html}")
     if not result.passed:
@@ -257,7 +297,7 @@ def build(
     keep_fp32: list[str] = typer.Option(None, "--keep-fp32", help="int8: leave this node in float (repeatable), e.g. the keep_fp32 list of `dcnc calibrate --eval`'s sensitivity.json."),
     int8_isa: str = typer.Option(None, "--int8-isa", help="cpu int8: the CPU level to build for, avx2, avx512, avx-vnni, avx512-vnni or amx (default: this CPU's). VNNI and AMX keep 8-bit weights; below, 7 bits (their u8 x s8 kernel sums products in int16). Recorded in the manifest; verify warns on another CPU."),
     min_agreement: float = typer.Option(None, "--min-agreement", help="cpu int8 (default 0.99): held-out agreement to meet (agreement@100 of each held-out calibration row's nearest neighbours for an embedding tower, the share of score pairs in the same order for a scoring tower; a bundle's n embedding towers each get 1/n of 1 - this). Fewest layers kept FP32 to meet it; refused with the best point when it cannot be met. 0: plain INT8, nothing kept FP32."),
-    batch: str = typer.Option("1:256:4096", "--batch", help="Batch profile MIN:OPT:MAX (or one N); TensorRT builds for it, runners refuse batches outside it."),
+    batch: str = typer.Option(None, "--batch", help="Batch profile MIN:OPT:MAX (or one N); TensorRT builds for it, runners refuse batches outside it. Default: 1:256:4096, or the one batch a fixed-shape graph takes."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output (rebuild it)."),
     threads: int = typer.Option(None, "--threads", help="ORT intra-op threads (default: the cores this process may use)."),
     ort_opt_level: str = typer.Option("all", "--ort-opt-level", help="ORT graph optimisation: disable, basic, extended or all."),
@@ -278,7 +318,8 @@ def build(
     from toolkit.commands.build import build_bundle, parse_batch
 
     manifest = build_bundle(
-        model, out, backend=backend, precision=precision, calib=calib, batch=parse_batch(batch), force=force,
+        model, out, backend=backend, precision=precision, calib=calib, batch=parse_batch(batch) if batch else None,
+        force=force,
         ort_options=OrtOptions(threads=threads, opt_level=ort_opt_level, device_id=device_id, cuda_graph=cuda_graph,
                                allow_tf32=allow_tf32),
         trt_options=TrtOptions(
@@ -288,10 +329,11 @@ def build(
         ),
         save_optimized=save_optimized, timing_cache=timing_cache, int8_target=int8_target,
         calib_method=calib_method, calib_samples=calib_samples, keep_fp32=tuple(keep_fp32 or ()), int8_isa=int8_isa,
-        min_agreement=min_agreement, progress=lambda line: console.print(f"  {line}", highlight=False),
+        min_agreement=min_agreement, progress=lambda line: console.print(f"  {line}", soft_wrap=True),
     )
     towers = ", ".join(manifest.towers)
-    print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {batch}")
+    profile = ":".join(str(manifest.batch[k]) for k in ("min", "opt", "max"))
+    print(f"{out}: {manifest.backend} {manifest.precision} bundle, towers {towers}, batch {profile}")
     if manifest.options.get("cuda_graph_refused"):
         print(f"  CUDA graphs off: {manifest.options['cuda_graph_refused']}")
     for tower, entry in manifest.towers.items():
@@ -323,7 +365,8 @@ def calibrate(
     from toolkit.commands.calibrate import calibrate as run_calibration
 
     summary = run_calibration(
-        model, calib, out, calib_method, calib_samples, seed, percentile, trt_table, trt_version, progress=True
+        model, calib, out, calib_method, calib_samples, seed, percentile, trt_table, trt_version, progress=True,
+        eval_data=eval_data,
     )
     state = "reused" if summary["reused"] else "written"
     print(f"{summary['cache']}: {state} ({summary['tensors']} tensors, {summary['samples']} samples, {calib_method})")
@@ -332,7 +375,7 @@ def calibrate(
     if eval_data is not None:
         report = analyse_sensitivity(
             model, calib, eval_data, out, calib_method, target, granularity, min_metric_ratio,
-            calib_samples, seed, percentile, progress=lambda line: console.print(line, highlight=False),
+            calib_samples, seed, percentile, progress=lambda line: console.print(line, soft_wrap=True),
         )  # fmt: skip
         print(f"{report.metric}: FP32 {report.fp32_metric:.4f}; FP32 units kept -> ratio, latency (FP32 {report.fp32_latency_ms:.2f} ms)")
         for point in report.curve:
@@ -373,7 +416,7 @@ def train(
             trained = result[name]
             for metric, value in trained["metrics"].items():
                 table.add_row(name, trained["checkpoint"], metric, f"{value:.4f}", f"{trained['seconds']:.1f}")
-    Console().print(table)
+    literal_console().print(table)
 
 
 # --- dcnc run -------------------------------------------------------------------------------------------------
@@ -404,14 +447,14 @@ def run(
     from toolkit.report.runsummary import print_summary
 
     def progress(line: str) -> None:
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, soft_wrap=True)
 
     summary = run_pipeline(load_pipeline(pipeline), out, force=force, quiet=quiet, say=None if quiet else progress)
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
-        terminal = Console()
-        print_summary(summary, terminal if terminal.is_terminal else Console(width=160))  # CI logs: no wrapping
+        terminal = literal_console()
+        print_summary(summary, terminal if terminal.is_terminal else literal_console(width=160))  # CI logs: no wrapping
     failed = [f"{t['model']}/{t['target']}" for t in summary["targets"] if not t["passed"]]
     if failed:
         raise GateFailed(f"{len(failed)} of {len(summary['targets'])} target(s): {', '.join(failed)}")
@@ -485,20 +528,17 @@ def bench(
         bench_tables,
         parse_runners,
         run_bench,
-        write_json,
     )
 
     options = BenchOptions(
         batch_sizes=_ints(batch_sizes, "--batch-sizes"), iterations=iterations, warmup=warmup, threads=threads,
         device=device, runners=parse_runners(runners), aot=aot, towers=tuple(towers or ()), calib=calib,
-        bundles=tuple(bundles or ()), out=out, peak_n=peak_n,
+        bundles=tuple(bundles or ()), out=out, peak_n=peak_n, json=json_path,
     )
     report = run_bench(model, options, progress=not quiet)
-    if json_path:
-        write_json(report, json_path)
     if not quiet:
         for table in bench_tables(report):
-            Console().print(table)
+            literal_console().print(table)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -117,6 +117,11 @@ def collect_ranges(
         for outputs in _run(session, tensors, batches(), bar):
             for name, value in outputs.items():
                 if value.size:
+                    if not np.isfinite(value).all():  # min/max would skip a NaN and keep an inf as a range
+                        raise DcncError(
+                            f"calibration: activation {name!r} is inf or NaN on this data (float32 overflows in"
+                            f" the graph, largest |input| {largest_input(outputs, model):.3g}); check the data's scale"
+                        )
                     low[name] = min(low[name], float(value.min()))
                     high[name] = max(high[name], float(value.max()))
         if not all(np.isfinite(low[n]) for n in tensors):
@@ -254,6 +259,12 @@ def _tapped_session(model, tensors: list[str]):
     from toolkit.backends.ort.loader import OrtOptions, ort_session, tap_outputs
 
     return ort_session(tap_outputs(model, tensors), options=OrtOptions(opt_level="disable"), where="calibration graph")
+
+
+def largest_input(outputs: dict[str, np.ndarray], model) -> float:
+    """The largest |value| among the graph's float inputs in one batch's tapped tensors."""
+    inputs = [v.name for v in model.graph.input if v.name in outputs]
+    return max((float(np.abs(outputs[n]).max()) for n in inputs if outputs[n].size), default=float("nan"))
 
 
 def _run(session, tensors: list[str], batches, bar: StepBar):

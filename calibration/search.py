@@ -23,7 +23,9 @@ import numpy as np
 
 from calibration.int8 import LADDER, Int8Lowerer, Int8Recipe
 from calibration.qdq import WEIGHT_OPS, quantizable_nodes
+from calibration.ranges import largest_input
 from calibration.sensitivity import group_units, keep_in_order
+from toolkit.core.errors import DcncError
 
 HELD_OUT_FRACTION = 0.5  # agreement@100 needs many more than 100 held-out rows: half of 2048 calibration rows
 TIMING_ITERATIONS = 20
@@ -97,6 +99,9 @@ def search_precision(
 
     say = say or (lambda line: None)
     reference = ort_session(lowerer.model, where="FP32 tower").run(None, held_out)[0]
+    if not np.isfinite(reference).all():  # agreement would rank NaNs: say what calibration would have said
+        raise DcncError(f"calibration: the FP32 tower's output is inf or NaN on this data (float32 overflows in the"
+                        f" graph, largest |input| {largest_input(held_out, lowerer.model):.3g}); check the data's scale")
     rows = len(next(iter(held_out.values())))
     search = PrecisionSearch(key, target, rows, timing_batch)
     forced = set(keep_fp32)

@@ -108,3 +108,17 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_case(tmp_path_factory):
+    """The hostile battery's case (hostile_cases.Case): read it, never change it (own_case is a private copy)."""
+    from hostile_cases import make_case
+
+    return make_case(tmp_path_factory.mktemp("hostile") / "case")
+
+
+@pytest.fixture
+def own_case(shared_case, tmp_path):
+    """A private copy of shared_case, in tmp_path/case, for a test that damages it."""
+    return shared_case.copy(tmp_path / "case")

@@ -126,6 +126,7 @@ def fake_onnxruntime(monkeypatch, refuse_cuda_graph: bool = False):
     module.RunOptions = FakeRunOptions
     module.sessions = []
     module.get_available_providers = lambda: [CUDA, "CPUExecutionProvider"]
+    module.set_default_logger_severity = real_ort.set_default_logger_severity
 
     def inference_session(source, sess_options=None, providers=None):
         cuda = dict(providers[0][1]) if isinstance(providers[0], tuple) else None

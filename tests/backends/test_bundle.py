@@ -101,7 +101,7 @@ def test_manifest_of_another_schema_is_refused(bundle):
 
 def test_manifest_missing_fields_is_refused(bundle):
     edit_manifest(bundle, lambda m: m.pop("batch"))
-    with pytest.raises(DcncError, match=r"manifest is missing \['batch'\]"):
+    with pytest.raises(DcncError, match=r"malformed manifest \(1 problem\).*\n  batch: missing"):
         open_bundle(bundle)
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from calibration.isa import INT8_ISAS, check_isa, detect_int8_isa, isa_mismatch, weight_bits
+from calibration.isa import (
+    INT8_ISAS,
+    check_isa,
+    detect_int8_isa,
+    isa_mismatch,
+    weight_bits,
+)
 from toolkit.core.errors import DcncError
 from toolkit.core.machine import cpu_identity
 

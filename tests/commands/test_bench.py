@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -146,8 +147,10 @@ def test_bundles_built_on_the_fly_are_reused_from_the_cache(report, checkpoint, 
     assert (source / "manifest.json").stat().st_mtime_ns == manifest_time
 
 
-def test_existing_bundle_is_timed_beside_the_runners(report, checkpoint, out):
-    bundle = Path(report["towers"]["ranker"]["runners"]["ort-fp32"]["source"])
+def test_existing_bundle_is_timed_beside_the_runners(report, checkpoint, out, tmp_path):
+    # a copy: the one in bench's cache lies inside --out, which bench may rebuild, so it is refused as an input
+    bundle = tmp_path / "ranker-ort-fp32"
+    shutil.copytree(report["towers"]["ranker"]["runners"]["ort-fp32"]["source"], bundle)
     options = BenchOptions(batch_sizes=BATCHES, iterations=2, warmup=0, runners=("eager",), bundles=(str(bundle),), out=str(out), peak_n=PEAK_N)
     result = run_bench(str(checkpoint), options, progress=False)
     entry = result["towers"]["ranker"]["runners"][f"bundle:{bundle.name}"]

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ from typer.testing import CliRunner
 from cli import app
 from toolkit.backends.torch_runner import TorchRunner
 from toolkit.commands.embed.command import EngineOptions, embed
-from toolkit.commands.embed.output import OWNER, clear_stale_staging
+from toolkit.core.fileio import atomic_dir, sibling_prefix
 from toolkit.model.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,8 +35,10 @@ def embeddings(table: pa.Table) -> np.ndarray:
 
 
 def leftovers(out: Path) -> list[str]:
-    """The output and any staging folder of it."""
-    return sorted(p.name for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}."))
+    """The output and any staging folder of it (not the lock file a killed run leaves: the next run reuses it)."""
+    prefix = sibling_prefix(out)
+    return sorted(p.name for p in out.parent.iterdir()
+                  if p.name == out.name or (p.name.startswith(prefix) and not p.name.endswith(".lock")))
 
 
 def run_cli(*args: str):
@@ -121,7 +121,7 @@ def test_a_killed_run_leaves_nothing_and_a_rerun_completes(corpus_case, tmp_path
                "--out", str(out), "--batch-size", "64", "--shard-rows", "2000", "--quiet"]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(f".{out.name}.*/shards/part-00001.parquet")):  # mid-run: shards being written
+    while not list(tmp_path.glob(f"{sibling_prefix(out)}*/shards/part-00001.parquet")):  # mid-run: shards written
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
@@ -130,16 +130,17 @@ def test_a_killed_run_leaves_nothing_and_a_rerun_completes(corpus_case, tmp_path
     result = run_cli(corpus_case / "bundle", "--data", corpus_case / "items", "--out", out, "--shard-rows", 100_000)
     assert result.exit_code == 0, result.output
     assert leftovers(out) == [out.name]  # the staging folder of the killed run is gone
+    assert not list(tmp_path.glob(f"{sibling_prefix(out)}*"))  # and the lock file it left
     assert json.loads((out / "manifest.json").read_text())["rows"] == ITEMS
 
 
-def test_staging_of_a_live_run_is_kept(tmp_path):
+def test_a_second_run_while_one_writes_the_output_fails_and_keeps_its_staging(corpus_case, tmp_path):
     out = tmp_path / "out"
-    for name, pid in (("live", os.getpid()), ("other-host", 1)):
-        (tmp_path / f".out.{name}.tmp").mkdir()
-        host = socket.gethostname() if name == "live" else "elsewhere"
-        (tmp_path / f".out.{name}.tmp" / OWNER).write_text(json.dumps({"host": host, "pid": pid}))
-    assert clear_stale_staging(out) == [] and len(leftovers(out)) == 2
+    with atomic_dir(out, force=True) as staging:  # a run that is writing `out` holds its lock
+        (staging / "shards").mkdir()
+        result = run_cli(corpus_case / "bundle", "--data", small_items(tmp_path), "--out", out)
+        assert result.exit_code == 2 and "another dcnc process is writing it" in result.output, result.output
+        assert (staging / "shards").is_dir()
 
 
 def small_items(tmp_path: Path, rows: int = 200, **change) -> Path:
@@ -192,7 +193,7 @@ def test_empty_corpus_and_unwritable_out_exit_2(corpus_case, tmp_path):
     assert result.exit_code == 2 and "no rows (the corpus is empty)" in result.output
     (tmp_path / "a-file").write_text("")
     result = run_cli(corpus_case / "bundle", "--data", small_items(tmp_path), "--out", tmp_path / "a-file" / "out")
-    assert result.exit_code == 2 and "cannot write it" in result.output
+    assert result.exit_code == 2 and "a-file is not a folder" in result.output
     assert leftovers(tmp_path / "out") == []
 
 

@@ -276,7 +276,7 @@ def test_existing_output_is_kept_without_force(ranker, tmp_path):
 def test_an_output_below_a_file_is_refused(ranker, tmp_path):
     _, _, loaded = ranker
     (tmp_path / "plain").write_text("")
-    with pytest.raises(DcncError, match="is not a directory"):
+    with pytest.raises(DcncError, match="is not a folder"):
         export_model(loaded, tmp_path / "plain" / "r.onnx")
     assert listing(tmp_path) == ["plain"]
 

@@ -194,7 +194,7 @@ BAD_INPUTS = {
     "factory-does-not-import": (lambda f: ["no_such_pkg.towers:make", *SCORER_INPUTS], "cannot import module"),
     "bad-input-syntax": (lambda f: ["{code}:make_scorer", "--input", "dense:float32"], "expected NAME:DTYPE:SHAPE"),
     "op-the-exporter-cannot-handle": (lambda f: ["{code}:make_running_max", *SCORER_INPUTS], "aten.cummax"),
-    "output-below-a-file": (_below_a_file, "is not a directory"),
+    "output-below-a-file": (_below_a_file, "is not a folder"),
     "existing-output-without-force": (_existing, "already exists (pass --force to replace it)"),
     "unsupported-opset": (lambda f: [*_ranker(f), "--opset", 17], "--opset 17: torch"),
     "unknown-pass": (lambda f: [*_ranker(f), "--passes", "cleanup,fusion"], "unknown pass 'fusion'"),

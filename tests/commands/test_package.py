@@ -289,7 +289,7 @@ def test_changed_bundle_is_refused(bundle, tmp_path):
 
 def test_existing_model_is_refused_without_force_and_no_tower_is_written(bundle, tmp_path):
     (tmp_path / "models" / "tiny_query").mkdir(parents=True)
-    with pytest.raises(DcncError, match="tiny_query: model already exists"):
+    with pytest.raises(DcncError, match="tiny_query: already exists"):
         package_triton(bundle, tmp_path / "models")
     assert leftovers(tmp_path / "models") == ["tiny_query"]
     assert leftovers(tmp_path / "models" / "tiny_query") == []
@@ -297,20 +297,20 @@ def test_existing_model_is_refused_without_force_and_no_tower_is_written(bundle,
 
 def test_repository_under_a_file_is_unwritable(bundle, tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(DcncError, match="cannot write there"):
+    with pytest.raises(DcncError, match="cannot be created: .*file is not a folder"):
         package_triton(bundle, tmp_path / "file" / "models")
 
 
 def test_repository_that_is_a_file_is_refused(bundle, tmp_path):
     (tmp_path / "models").write_text("")
-    with pytest.raises(DcncError, match="exists and is not a directory"):
+    with pytest.raises(DcncError, match="exists and is not a folder"):
         package_triton(bundle, tmp_path / "models")
 
 
 def test_repository_inside_the_bundle_is_refused(bundle, tmp_path):
     copy = tmp_path / "tiny"
     shutil.copytree(bundle, copy)
-    with pytest.raises(DcncError, match="inside the bundle"):
+    with pytest.raises(DcncError, match="lies inside the input folder"):
         package_triton(copy, copy / "models")
     assert not (copy / "models").exists()
 
@@ -358,7 +358,7 @@ def test_failure_while_copying_leaves_the_repository_as_it_was(bundle, tmp_path,
         return real_copyfile(source, target)
 
     monkeypatch.setattr("toolkit.commands.package.shutil.copyfile", copy_then_fail)
-    with pytest.raises(DcncError, match="writing the model repository failed \\(No space left on device\\)"):
+    with pytest.raises(DcncError, match="tiny_query: not written \\(No space left on device\\)"):
         package_triton(bundle, tmp_path / "models")
     assert leftovers(tmp_path / "models") == []
 

@@ -272,4 +272,4 @@ def test_cli_verify_html_where_no_folder_can_be_made_exits_2(verify_case, tmp_pa
     result = CliRunner().invoke(app, ["verify", str(verify_case / "model.pt"), str(verify_case / "bundle"), "--data",
                                       str(verify_case / "eval.npz"), "--html", str(blocked / "sub" / "r.html"),
                                       "--no-latency", "--k", "1", "--no-branches"])
-    assert result.exit_code == 2 and "r.html: cannot create its folder" in result.output
+    assert result.exit_code == 2 and "r.html: cannot be created" in result.output

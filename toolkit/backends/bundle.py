@@ -9,16 +9,19 @@ its files, the installed runtime or the device (rebuild with `dcnc build --force
 from __future__ import annotations
 
 import json
+import os
 import platform
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from toolkit import __version__
-from toolkit.core.errors import DcncError
+from toolkit.core.errors import DcncError, first_line
 from toolkit.core.fileio import sha256_file, write_json
 from toolkit.core.lowering import Lowering, lowering_from_dict
 from toolkit.core.machine import cpu_identity
+from toolkit.core.paths import contained
 
 SCHEMA = "dcnc.bundle/1"
 MANIFEST = "manifest.json"
@@ -62,25 +65,143 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> Manifest:
+        """The manifest in `data` (manifest.json as read), after checking it against the schema: DcncError naming
+        `where`, with one line per problem, when a key is missing or a value of the wrong kind."""
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise DcncError(f"{where}: not a dcnc bundle manifest (schema {found!r}, expected {SCHEMA!r})")
-        required = ("backend", "precision", "batch", "versions", "device", "options", "inputs", "towers", "files")
-        missing = [k for k in required if k not in data]
-        if missing:
-            raise DcncError(f"{where}: manifest is missing {missing}; {REBUILD}")
+        problems = schema_problems(data)
+        if problems:
+            lines = "".join(f"\n  {problem}" for problem in problems)
+            count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+            raise DcncError(f"{where}: malformed manifest ({count}); {REBUILD}{lines}")
         data = dict(data)
-        try:
-            data["towers"] = {
-                name: TowerEntry(**{**entry, "lowering": lowering_from_dict(entry.get("lowering"), where)})
-                for name, entry in data["towers"].items()
-            }
-            return cls(**data)
-        except (TypeError, AttributeError) as err:
-            raise DcncError(f"{where}: malformed manifest ({err}); {REBUILD}") from None
+        data["towers"] = {
+            name: TowerEntry(**{**entry, "lowering": lowering_from_dict(entry.get("lowering"), where)})
+            for name, entry in data["towers"].items()
+        }
+        return cls(**data)
 
     def batch_range(self) -> tuple[int, int]:
         return int(self.batch["min"]), int(self.batch["max"])
+
+
+# --- the manifest's schema ------------------------------------------------------------------------------------
+TABLES = ("versions", "device", "options", "inputs")
+OPTIONAL_PATHS = ("optimized_onnx", "engine")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def schema_problems(data: dict) -> list[str]:
+    """What in a manifest's JSON does not fit the schema, one line each (empty when it fits)."""
+    known = {f.name for f in fields(Manifest)}
+    problems = [f"{key}: missing" for key in ("backend", "precision", "batch", *TABLES, "towers", "files")
+                if key not in data]
+    problems += [f"{key}: unknown key" for key in data if key not in known]
+    for key in ("backend", "precision", "dcnc", "created"):
+        if key in data and not isinstance(data[key], str):
+            problems.append(f"{key}: expected a string, got {_kind(data[key])}")
+    for key in (*TABLES, "caches"):
+        if key in data and not isinstance(data[key], dict):
+            problems.append(f"{key}: expected a table, got {_kind(data[key])}")
+    if isinstance(data.get("options"), dict):
+        problems += _option_problems(data.get("backend"), data["options"])
+    if "batch" in data:
+        problems += _batch_problems(data["batch"])
+    if "towers" in data:
+        problems += _tower_problems(data["towers"])
+    if "files" in data:
+        problems += _file_problems(data["files"])
+    return problems
+
+
+def _option_problems(backend: object, options: dict) -> list[str]:
+    """The runtime's options (options.ort or options.tensorrt) must be those its options class takes."""
+    if backend in ("ort", "ort-cuda"):
+        from toolkit.backends.ort.loader import OrtOptions as kind
+
+        key = "ort"
+    elif backend == "tensorrt":
+        from toolkit.backends.tensorrt.config import TrtOptions as kind
+
+        key = "tensorrt"
+    else:
+        return []
+    table = options.get(key)
+    if not isinstance(table, dict):
+        return [f"options.{key}: expected a table, got {_kind(table)}"]
+    known = {f.name for f in fields(kind)}
+    return [f"options.{key}.{name}: unknown option" for name in table if name not in known]
+
+
+def _batch_problems(batch: object) -> list[str]:
+    if not isinstance(batch, dict):
+        return [f"batch: expected a table of min, opt, max, got {_kind(batch)}"]
+    values = [batch.get(k) for k in ("min", "opt", "max")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return [f"batch: min, opt and max must be integers, got {[_kind(v) for v in values]}"]
+    if not 1 <= values[0] <= values[1] <= values[2]:
+        return [f"batch: needs 1 <= min <= opt <= max, got {values}"]
+    return []
+
+
+def _tower_problems(towers: object) -> list[str]:
+    if not isinstance(towers, dict) or not towers:
+        return [f"towers: expected a table of towers by name, got {'an empty one' if towers == {} else _kind(towers)}"]
+    problems = []
+    known = {f.name for f in fields(TowerEntry)}
+    required = {f.name for f in fields(TowerEntry) if f.default is MISSING}
+    for name, entry in towers.items():
+        if not isinstance(entry, dict):
+            problems.append(f"towers.{name}: expected a table, got {_kind(entry)}")
+            continue
+        problems += [f"towers.{name}.{key}: missing" for key in sorted(required - set(entry))]
+        problems += [f"towers.{name}.{key}: unknown key" for key in entry if key not in known]
+        for key in ("onnx", "source_sha256", *OPTIONAL_PATHS):
+            if key in entry and not isinstance(entry[key], str) and not (key in OPTIONAL_PATHS and entry[key] is None):
+                problems.append(f"towers.{name}.{key}: expected a string, got {_kind(entry[key])}")
+        for key in ("inputs", "outputs"):
+            if key in entry:
+                problems += _tensor_problems(entry[key], f"towers.{name}.{key}")
+        for key in ("engine_info", "lowering"):
+            if entry.get(key) is not None and not isinstance(entry[key], dict):
+                problems.append(f"towers.{name}.{key}: expected a table or null, got {_kind(entry[key])}")
+    return problems
+
+
+def _tensor_problems(tensors: object, where: str) -> list[str]:
+    if not isinstance(tensors, list) or not tensors:
+        return [f"{where}: expected a list of tensors, got {_kind(tensors)}"]
+    for index, tensor in enumerate(tensors):
+        ok = (isinstance(tensor, dict) and isinstance(tensor.get("name"), str) and isinstance(tensor.get("dtype"), str)
+              and isinstance(tensor.get("shape"), list)
+              and all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in tensor["shape"]))
+        if not ok:
+            expected = "{name, dtype, shape} with a list of ints and names"
+            return [f"{where}[{index}]: expected {expected}, got {tensor!r:.80}"]
+    return []
+
+
+def _file_problems(files: object) -> list[str]:
+    if not isinstance(files, dict):
+        return [f"files: expected a table of files by relative path, got {_kind(files)}"]
+    problems = []
+    for rel, record in files.items():
+        if not isinstance(record, dict):
+            problems.append(f"files.{rel}: expected a table {{sha256, bytes, portable}}, got {_kind(record)}")
+            continue
+        if not isinstance(record.get("sha256"), str) or not SHA256.fullmatch(record["sha256"]):
+            problems.append(f"files.{rel}.sha256: expected 64 hex digits, got {record.get('sha256')!r:.80}")
+        size = record.get("bytes")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            problems.append(f"files.{rel}.bytes: expected a byte count, got {size!r:.40}")
+        if not isinstance(record.get("portable", True), bool):
+            problems.append(f"files.{rel}.portable: expected true or false, got {record.get('portable')!r:.40}")
+    return problems
 
 
 # --- what the bundle was built with -------------------------------------------------------------------------
@@ -159,6 +280,8 @@ def load_manifest(bundle: str | Path) -> Manifest:
     except (OSError, ValueError) as err:
         raise DcncError(f"{path}: unreadable manifest ({err}); {REBUILD}") from None
     manifest = Manifest.from_dict(data, str(path))
+    for rel in manifest.files:
+        contained(bundle, rel, str(path))
     for tower, entry in manifest.towers.items():
         for rel in (entry.onnx, entry.optimized_onnx, entry.engine):
             if rel is not None and rel not in manifest.files:
@@ -169,7 +292,27 @@ def load_manifest(bundle: str | Path) -> Manifest:
             raise DcncError(f"{bundle}: {rel} is listed in the manifest but missing; {REBUILD}")
         if sha256_file(file) != record["sha256"]:
             raise DcncError(f"{bundle}: {rel} does not match the hash in its manifest (modified?); {REBUILD}")
+    for rel in [r for r in manifest.files if r.endswith(".onnx")]:
+        for data_rel in external_files(bundle, rel):
+            if data_rel not in manifest.files:
+                raise DcncError(
+                    f"{bundle}: {rel} reads its weights from {data_rel}, which the manifest does not hash; {REBUILD}"
+                )
     return manifest
+
+
+def external_files(bundle: Path, onnx_rel: str) -> list[str]:
+    """The files (relative to the bundle) that the bundle's ONNX `onnx_rel` keeps its initializers in; DcncError
+    for a location that is absolute or leads outside the bundle."""
+    from toolkit.core.onnxio import external_data_locations, load_onnx
+
+    model = load_onnx(bundle / onnx_rel, external_data=False)
+    where = str(bundle / onnx_rel)
+    folder = Path(onnx_rel).parent
+    return [
+        os.path.normpath(contained(bundle, str(folder / location), where).relative_to(bundle))
+        for location in external_data_locations(model)
+    ]
 
 
 def runtime_mismatch(manifest: Manifest) -> str | None:
@@ -238,19 +381,27 @@ def tower_runner(bundle: str | Path, manifest: Manifest, tower: str, threads: in
 
         settings = {**manifest.options["ort"], **({"threads": threads} if threads else {})}
         loader = SessionFromOnnx(
-            bundle / (entry.optimized_onnx or entry.onnx), manifest.backend, OrtOptions(**settings),
-            preoptimized=bool(entry.optimized_onnx), spinning=spinning,
+            bundle / (entry.optimized_onnx or entry.onnx), manifest.backend,
+            _options(OrtOptions, settings, "ort", bundle), preoptimized=bool(entry.optimized_onnx), spinning=spinning,
         )
         return OrtRunner(loader, name=name, batch_range=manifest.batch_range())
     from toolkit.backends.tensorrt.config import TrtOptions
     from toolkit.backends.tensorrt.loader import EngineFromPath
     from toolkit.backends.tensorrt.runner import TrtRunner
 
-    options = TrtOptions(**manifest.options["tensorrt"])
+    options = _options(TrtOptions, manifest.options["tensorrt"], "tensorrt", bundle)
     return TrtRunner(
         EngineFromPath(bundle / entry.engine, options), name=name, batch_range=manifest.batch_range(),
         device_id=options.device_id, cuda_graph=options.cuda_graph,
     )
+
+
+def _options(kind: type, settings: dict, key: str, bundle: Path):
+    """The runtime's options from what the manifest records (options.<key>), or DcncError when they do not fit."""
+    try:
+        return kind(**settings)
+    except TypeError as err:
+        raise DcncError(f"{bundle}: malformed manifest (options.{key}: {first_line(err)}); {REBUILD}") from None
 
 
 def open_bundle(bundle: str | Path, tower: str | None = None):

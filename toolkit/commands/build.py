@@ -7,7 +7,6 @@ the output and renamed into place only when complete, so a failed build leaves n
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from toolkit.backends.bundle import (
 from toolkit.commands.calibration_data import (
     calibration_data,
     check_source,
+    source_files,
     source_identity,
 )
 from toolkit.commands.int8_search import embedding_tower
@@ -37,11 +37,37 @@ from toolkit.core.onnxio import (
     save_onnx,
     tensor_entries,
 )
+from toolkit.core.paths import DIR, check_outputs, output
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEFAULT_BATCH = (1, 256, 4096)
 TIMING_CACHE = "timing.cache"
 
+
+
+def batch_profile(requested: tuple[int, int, int] | None, towers: dict[str, Path]) -> tuple[int, int, int]:
+    """The bundle's batch profile: `requested` (None: DEFAULT_BATCH); for tower graphs whose inputs all have a
+    fixed first dimension N, the one batch they take (N:N:N), where a requested profile other than that is
+    refused (the manifest must not promise batches the graph cannot run)."""
+    fixed: dict[int, str] = {}
+    for tower, path in towers.items():
+        firsts = [s.shape[0] if s.shape else None for s in graph_inputs(load_onnx(path, external_data=False))]
+        if firsts and all(isinstance(d, int) for d in firsts):
+            if len(set(firsts)) > 1:
+                raise DcncError(f"{path}: its inputs have different fixed batches {sorted(set(firsts))}")
+            fixed.setdefault(firsts[0], tower)
+    if len(fixed) > 1:
+        shown = ", ".join(f"{tower} {size}" for size, tower in fixed.items())
+        raise DcncError(f"the towers have different fixed batches ({shown}); build them into separate bundles")
+    if not fixed:
+        return requested or DEFAULT_BATCH
+    size, tower = next(iter(fixed.items()))
+    if requested not in (None, (size, size, size)):
+        raise DcncError(
+            f"--batch {':'.join(map(str, requested))}: {towers[tower]} has a fixed batch of {size} (its inputs' first"
+            f" dimension); build it with --batch {size}, or export it with a dynamic batch"
+        )
+    return size, size, size
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -167,26 +193,13 @@ def source_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_output(out: Path, force: bool) -> None:
-    """Refuse an existing output without --force, and an output whose nearest existing folder is not writable."""
-    if out.exists() and not force:
-        raise DcncError(f"{out}: already exists (pass --force to rebuild it)")
-    if out.exists() and not out.is_dir():
-        raise DcncError(f"{out}: exists and is not a bundle directory; remove it or choose another output")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise DcncError(f"{out}: cannot write there (folder {parent} is not writable)")
-
-
 def build_bundle(
     model: str | Path,
     out: str | Path,
     backend: str = "ort",
     precision: str = "fp32",
     calib: str | Path | None = None,
-    batch: tuple[int, int, int] = DEFAULT_BATCH,
+    batch: tuple[int, int, int] | None = None,
     force: bool = False,
     ort_options=None,
     trt_options=None,
@@ -208,6 +221,7 @@ def build_bundle(
         calib: calibration data (file, folder of per-tower .npz or shards, dataset:NAME) for int8, and for
             fp16/bf16 to choose from measured activations which nodes stay FP32.
         batch: (min, opt, max) batch profile; TensorRT builds for it, every runner refuses batches outside it.
+            None: DEFAULT_BATCH, or a fixed-shape graph's own batch (batch_profile).
         force: replace an existing `out`.
         ort_options: OrtOptions for ort / ort-cuda (default OrtOptions()).
         trt_options: TrtOptions for tensorrt (default TrtOptions()).
@@ -245,8 +259,9 @@ def build_bundle(
         flag = "--cuda-graph" if ort_options.cuda_graph else "--allow-tf32"
         raise DcncError(f"{flag} needs a GPU backend (ort-cuda or tensorrt), not ort")
     towers = find_towers(model)
+    batch = batch_profile(batch, towers)
     require_backend(backend)
-    _check_output(out, force)
+    check_outputs([output(out, "-o", DIR, replace=force)], [model, *towers.values(), *source_files(calib)])
     ort_options = ort_options or OrtOptions()
     trt_options = trt_options or TrtOptions()
 

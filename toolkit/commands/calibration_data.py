@@ -27,11 +27,16 @@ DATASET_PREFIX = "dataset:"
 Source = Union[str, Path, dict]
 
 
+def source_files(source: Source | None) -> list[Path]:
+    """The files and folders a source reads (none for dataset:NAME)."""
+    paths = source.values() if isinstance(source, dict) else [source]
+    return [Path(p) for p in paths if p is not None and not str(p).startswith(DATASET_PREFIX)]
+
+
 def check_source(source: Source | None) -> None:
     """Refuse, before any work, a source that names a missing file or folder."""
-    paths = source.values() if isinstance(source, dict) else [source]
-    for path in paths:
-        if path is not None and not str(path).startswith(DATASET_PREFIX) and not Path(path).exists():
+    for path in source_files(source):
+        if not path.exists():
             raise DcncError(f"--calib {path}: not found")
 
 

@@ -1,14 +1,10 @@
-"""`dcnc export`: the selected towers of a loaded model to ONNX (graphs.export), staged so that a failed export
-leaves nothing behind, then validated against torch (toolkit.evaluate.validate). When validation fails the files
+"""`dcnc export`: the selected towers of a loaded model to ONNX (graphs.export), staged (toolkit.core.fileio) so
+that a failed export leaves nothing behind, then validated against torch (toolkit.evaluate.validate). When
+validation fails the files
 are kept for inspection (as trtexec and polygraphy keep theirs) and ParityFailed (exit 1) is raised."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from graphs.export import (
@@ -21,7 +17,8 @@ from graphs.export import (
     source_metadata,
 )
 from toolkit.core.errors import DcncError
-from toolkit.core.fileio import atomic_dir
+from toolkit.core.fileio import atomic_dir, atomic_files
+from toolkit.core.paths import DIR, FILE, check_outputs, output
 from toolkit.evaluate.parity import Tolerance
 from toolkit.evaluate.validate import (
     DEFAULT_LARGE_BATCH,
@@ -61,10 +58,10 @@ def export_model(
     selected = loaded.select(towers)
     out = Path(out)
     several = len(selected) > 1
-    check_output(out, several, force)
+    check_output(loaded, out, several, force)
     common = source_metadata(loaded)
     results: list[ExportResult] = []
-    with staged(out, several, force) as folder:
+    with atomic_dir(out, force=force) if several else atomic_files(out) as folder:
         for name, tower in selected.items():
             path = folder / f"{name}.onnx" if several else folder / out.name
             result = export_tower(tower, path, opset, common, passes)
@@ -79,60 +76,12 @@ def export_model(
     return results
 
 
-def check_output(out: Path, several: bool, force: bool) -> None:
-    """Refuse, before any work, an output that exists (without force), has the wrong form, or cannot be written."""
+def check_output(loaded: LoadedModel, out: Path, several: bool, force: bool) -> None:
+    """Refuse, before any work, an output of the wrong form for the towers, or one toolkit.core.paths refuses
+    (an input among them: the model, its weights, evaluation and calibration files)."""
     if several and out.suffix == ".onnx":
         raise DcncError(f"-o {out}: this model has several towers; give a directory (one <tower>.onnx each)")
     if not several and out.suffix != ".onnx":
         raise DcncError(f"-o {out}: give the .onnx file to write (this export has one tower)")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise DcncError(f"{out}: already exists (pass --force to replace it)")
-        if not several and out.is_dir():
-            raise DcncError(f"{out}: is a directory; give the .onnx file to write")
-    ancestor = out.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise DcncError(f"{out}: cannot be created: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise DcncError(f"{out}: cannot be written: {ancestor} is not writable")
-
-
-@contextlib.contextmanager
-def staged(out: Path, several: bool, force: bool) -> Iterator[Path]:
-    """A folder to write into; on success its content takes the place of `out` (a directory, or one file and
-    its external data), on failure it is removed with everything in it, and so are the folders made for `out`."""
-    created = missing_folders(out.parent)
-    try:
-        if several:
-            with atomic_dir(out, force=force) as folder:
-                yield folder
-            return
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        except OSError as err:
-            raise DcncError(f"{out}: cannot be written ({err.strerror})") from None
-        try:
-            yield folder
-            for item in sorted(folder.iterdir(), key=lambda p: p.name == out.name):  # data file first, model last
-                os.replace(item, out.parent / item.name)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-    except BaseException:
-        for made in reversed(created):  # innermost first; one that is not empty is someone else's now
-            try:
-                made.rmdir()
-            except OSError:
-                break
-        raise
-
-
-def missing_folders(folder: Path) -> list[Path]:
-    """The folders above a path that do not exist yet, outermost first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing[::-1]
+    inputs = [*loaded.files, loaded.eval_data, *loaded.calibration.values()]
+    check_outputs([output(out, "-o", DIR if several else FILE, replace=force)], inputs)

@@ -15,15 +15,16 @@ features to its logit or task heads.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.backends.bundle import Manifest, TowerEntry, load_manifest
+from toolkit.backends.bundle import Manifest, TowerEntry, external_files, load_manifest
+from toolkit.core import fileio
 from toolkit.core.errors import DcncError
 from toolkit.core.fileio import atomic_dir
+from toolkit.core.paths import DIR, FOLDER, check_outputs, output
 
 VERSION = "1"  # Triton serves the highest numbered version directory; a package holds one
 PLATFORMS = {"ort": "onnxruntime_onnx", "ort-cuda": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
@@ -177,22 +178,13 @@ def model_config(
 
 
 # --- the repository -------------------------------------------------------------------------------------------
-def _external_data(bundle: Path, onnx_rel: str) -> list[str]:
-    """Files (relative to the bundle) holding the ONNX file's external initializers; they go beside model.onnx
-    under their own names, which the graph refers to."""
-    from toolkit.core.onnxio import external_data_locations, load_onnx
-
-    model = load_onnx(bundle / onnx_rel, external_data=False)
-    return [str(Path(onnx_rel).parent / location) for location in external_data_locations(model)]
-
-
 def _model_files(bundle: Path, entry: TowerEntry, platform: str) -> dict[str, str]:
     if platform == "tensorrt_plan":
         return {MODEL_FILES[platform]: entry.engine}
     # the portable lowered graph, not ORT's saved optimised one: that is tied to the ORT and CPU that made it, while
     # Triton runs its own ORT and redoes the optimisation at the level given in the config
     files = {MODEL_FILES[platform]: entry.onnx}
-    for rel in _external_data(bundle, entry.onnx):
+    for rel in external_files(bundle, entry.onnx):  # inside the bundle and hashed: load_manifest checked them
         files[Path(rel).name] = rel
     return files
 
@@ -227,20 +219,11 @@ def plan_repository(
 
 
 def _check_repo(repo: Path, bundle: Path, models: list[TritonModel], force: bool) -> None:
-    """Refuse a repository that is a file, lies inside the bundle, is not writable, or already holds one of the
-    models (without --force)."""
-    if repo.exists() and not repo.is_dir():
-        raise DcncError(f"{repo}: exists and is not a directory (a Triton model repository is one)")
-    if repo.resolve().is_relative_to(bundle.resolve()):
-        raise DcncError(f"{repo}: inside the bundle {bundle}; write the repository elsewhere")
-    for model in models:
-        if (repo / model.name).exists() and not force:
-            raise DcncError(f"{repo / model.name}: model already exists (pass --force to replace it)")
-    parent = repo
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise DcncError(f"{repo}: cannot write there ({parent} is not a writable folder)")
+    """Refuse (toolkit.core.paths) a repository that is not a writable folder or lies inside or around the bundle,
+    and a model already in it (without --force)."""
+    outputs = [output(repo, "--triton", FOLDER)]
+    outputs += [output(repo / model.name, "--triton", DIR, replace=force) for model in models]
+    check_outputs(outputs, [bundle])
 
 
 def write_repository(bundle: str | Path, repo: str | Path, models: list[TritonModel], force: bool = False) -> None:
@@ -253,7 +236,7 @@ def write_repository(bundle: str | Path, repo: str | Path, models: list[TritonMo
         with contextlib.ExitStack() as stack:
             for model in models:
                 staged = stack.enter_context(atomic_dir(repo / model.name, force=force))
-                (staged / "config.pbtxt").write_text(model.config)
+                fileio.write_all(staged / "config.pbtxt", model.config.encode())
                 (staged / VERSION).mkdir()
                 for target, source in model.files.items():
                     shutil.copyfile(bundle / source, staged / VERSION / target)

@@ -16,11 +16,13 @@ from toolkit.commands.embed.corpus_pass import corpus_scan
 from toolkit.core.errors import DcncError
 from toolkit.core.machine import machine_load
 from toolkit.core.onnxio import load_onnx
+from toolkit.core.paths import check_outputs, output
 from toolkit.evaluate.evaldata import load_corpus_eval, load_eval
 from toolkit.evaluate.gates import load_baseline, resolve_thresholds
 from toolkit.evaluate.result import Report
 from toolkit.evaluate.verify import VerifyOptions, emulated_runners, verify_runners
 from toolkit.model.loading import SignedTower, load_model
+from toolkit.report import verify as reports
 
 
 def _branch_timing(bundle: Path, manifest: Any, batch: int) -> dict[str, Any]:
@@ -60,6 +62,7 @@ def verify(
     weights: str | Path | None = None,
     require_quality: bool = False,
     corpus: Corpus | None = None,
+    outputs: dict[str, str | Path | None] | None = None,
 ) -> Report:
     """Verify the bundle at `bundle` against the model `reference` (anything `dcnc export` loads; a factory with
     its `inputs` NAME:DTYPE:SHAPE strings and `weights` state_dict, as `dcnc export` takes them).
@@ -69,7 +72,9 @@ def verify(
     the defaults for the bundle's precision. baseline: an earlier report (JSON) to compare latency against.
     branches: also time the cross and deep branch subgraphs of parallel towers (CPU only). require_quality:
     refuse data without relevance pairs or labels (numeric-only verify) as bad input. corpus: a retrieval model's
-    items come from a corpus, and `data` gives the queries and relevance naming corpus item ids.
+    items come from a corpus, and `data` gives the queries and relevance naming corpus item ids. outputs: report
+    files to write, by kind (REPORT_WRITERS: report, junit, markdown, html; None: not written), checked before any
+    work and written when the verdict is in.
 
     Timing: both sides get the intra-op threads other work leaves free at the start (options.threads to fix
     them), and the bundle's ONNX Runtime sessions do not spin, so neither steals the cores the other is timed on.
@@ -78,6 +83,12 @@ def verify(
     options = options or VerifyOptions()
     if device not in ("cpu", "cuda"):
         raise DcncError(f"--device must be cpu or cuda, got {device!r}")
+    outputs = {kind: path for kind, path in (outputs or {}).items() if path is not None}
+    unknown = sorted(set(outputs) - set(REPORT_WRITERS))
+    if unknown:
+        raise ValueError(f"unknown report kinds {unknown}")
+    check_outputs([output(path, f"--{kind}", replace=True) for kind, path in outputs.items()],
+                  [reference, bundle, data, gates_file, baseline, weights, corpus.items if corpus else None])
     baseline_report = load_baseline(baseline) if baseline is not None else None
     manifest = check_bundle(bundle)
     built_for = manifest.device.get("kind", "cpu")
@@ -123,6 +134,8 @@ def verify(
     if report.latency is not None and branches and device == "cpu":
         report.latency["branches"] = _branch_timing(Path(bundle), manifest, max(options.batch_sizes))
     report.warnings += _isa_warnings(manifest)
+    for kind, path in outputs.items():
+        REPORT_WRITERS[kind](report, path, Path(bundle).resolve().name)
     return report
 
 
@@ -137,3 +150,17 @@ def _isa_warnings(manifest: Any) -> list[str]:
         if reason:
             warnings.append(f"{tower}: {reason}")
     return warnings
+
+
+def _write_html(report: Report, path: str | Path, target: str) -> None:
+    from toolkit.report.html import write_html
+
+    write_html({target: reports.to_json(report)}, path, title=f"dcnc verify: {target}")
+
+
+REPORT_WRITERS = {  # kind -> writer(report, path, the bundle's name)
+    "report": lambda report, path, _: reports.write_json(report, path),
+    "junit": lambda report, path, _: reports.write_junit(report, path),
+    "markdown": lambda report, path, _: reports.write_markdown(report, path),
+    "html": _write_html,
+}

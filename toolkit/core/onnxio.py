@@ -3,6 +3,7 @@ only past protobuf's 2 GB), the tensor signatures of a graph's inputs and output
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,27 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[TensorSpec]:
-    """The inputs a caller feeds (initializers listed as inputs left out), dynamic dims kept as their names."""
+    """The inputs a caller feeds (initializers listed as inputs left out), dynamic dims kept as their names, and
+    integer ids bounded by the embedding table they index (id_bounds), so data is range-checked before it runs."""
     initializers = {init.name for init in model.graph.initializer}
-    return [_spec(value) for value in model.graph.input if value.name not in initializers]
+    bounds = id_bounds(model)
+    return [
+        dataclasses.replace(spec, high=bounds.get(spec.name)) if spec.dtype.startswith("int") else spec
+        for spec in (_spec(value) for value in model.graph.input if value.name not in initializers)
+    ]
+
+
+def id_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Per input read as ids by a Gather on an initializer table (an embedding): the table's rows, which every id
+    must stay below (ONNX Runtime fails mid-run on one that does not)."""
+    tables = {init.name: init.dims[0] for init in model.graph.initializer if init.dims}
+    bounds: dict[str, int] = {}
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type == "Gather" and axis == 0 and len(node.input) == 2 and node.input[0] in tables:
+            ids = node.input[1]
+            bounds[ids] = min(bounds.get(ids, tables[node.input[0]]), tables[node.input[0]])
+    return bounds
 
 
 def graph_outputs(model: onnx.ModelProto) -> list[TensorSpec]:

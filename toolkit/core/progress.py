@@ -35,7 +35,9 @@ class StepBar:
                 TimeElapsedColumn,
             )
 
-            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+            # descriptions name user files: shown literally, never read as rich markup
+            columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn()]
             columns += [TextColumn(template) for template in self.fields.values()]
             self._progress = Progress(*columns, console=Console(stderr=True), transient=True)
             self._progress.__enter__()

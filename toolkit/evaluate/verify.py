@@ -135,13 +135,13 @@ class _Pair:
 def _embed_queries(
     pair: _Pair, data: RetrievalEval | CorpusEval, ks: tuple[int, ...], bar: StepBar
 ) -> tuple[dict[str, np.ndarray], int, tuple[int, ...]]:
-    """Both sides' query embeddings, the K searched (no more than the items) and the Ks reported."""
+    """Both sides' query embeddings, the K searched and the Ks reported (all below the corpus size: verify_runners
+    refuses a K as large as the corpus, where recall and agreement are 1 whatever the bundle ranks)."""
     bar.advance("embedding queries")
     query_ref, query_cand = pair.run(data.queries)
     embedding = pair.outputs[0]
-    k_max = min(max(ks), data.num_items)
     queries = {"reference": query_ref[embedding], "candidate": query_cand[embedding]}
-    return queries, k_max, tuple(sorted({min(k, k_max) for k in ks}))
+    return queries, max(ks), tuple(sorted(set(ks)))
 
 
 def evaluate_retrieval(
@@ -294,6 +294,11 @@ def verify_runners(
     retrieval = ranking = latency = None
     retrieving = isinstance(data, RetrievalEval)
     scanning = isinstance(data, CorpusEval)
+    if (retrieving or scanning) and max(options.ks) >= data.num_items:
+        raise DcncError(
+            f"--k {max(options.ks)}: not below the corpus of {data.num_items} items, where recall@K and agreement@K"
+            f" are 1 whatever the bundle ranks; give K values below {data.num_items}"
+        )
     steps = (1 + -(-data.num_items // options.item_chunk) if retrieving else 2 if scanning else 1) + (
         len(pairs) if options.latency else 0
     )

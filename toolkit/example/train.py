@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.core.errors import DcncError
+from toolkit.core.paths import FOLDER, check_outputs, output
 from toolkit.core.progress import StepBar
 from toolkit.evaluate.metrics import auc, logloss, recall_at_k
 from toolkit.example.data import load_dataset
@@ -251,8 +252,9 @@ def _examples(out_dir, dataset, data_dir, families, epochs, seed, quiet, only_if
         raise DcncError(f"family must be one of {list(FAMILIES)}, got {unknown or families}")
     if epochs is not None and epochs < 1:
         raise DcncError(f"epochs must be >= 1, got {epochs}")
-    data = load_dataset(dataset, data_dir, seed)
     out_dir = Path(out_dir)
+    check_outputs([output(out_dir, "--out", FOLDER)], [data_dir])
+    data = load_dataset(dataset, data_dir, seed)
     result: dict = {"out_dir": str(out_dir), "dataset": data.name}
     for family in families:
         config = DEFAULT_CONFIGS[family]

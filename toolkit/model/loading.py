@@ -24,6 +24,7 @@ from torch import nn
 from toolkit.core.errors import DcncError, first_line
 from toolkit.core.fileio import sha256_file
 from toolkit.core.signature import TensorSpec, random_inputs
+from toolkit.model.pt2 import load_program
 from toolkit.model.spec import ModelSpec
 
 BATCH = "B"  # the name TensorSpec gives the batch dimension
@@ -77,14 +78,16 @@ class LoadedTower:
 class LoadedModel:
     """A model ready to export: its towers, its spec (dcnc checkpoints only), and where it came from.
 
-    eval_data: the evaluation split a checkpoint names. calibration: tower -> calibration file, those a
-    checkpoint names (`extra.calib_data`), else any `<tower>_calib.npz` beside a model file."""
+    files: what it was read from (the checkpoint or program; a factory's module file and weights). eval_data: the
+    evaluation split a checkpoint names. calibration: tower -> calibration file, those a checkpoint names
+    (`extra.calib_data`), else any `<tower>_calib.npz` beside a model file."""
 
     towers: dict[str, LoadedTower]
     spec: ModelSpec | None
     source: str
     source_hash: str
     kind: str  # "checkpoint" | "factory" | "pt2"
+    files: list[Path] = field(default_factory=list)
     eval_data: Path | None = None
     calibration: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -165,7 +168,7 @@ def _load_dcnc_checkpoint(path: Path) -> LoadedModel:
         name: LoadedTower(name, tower.eval(), list(tower.input_specs), list(tower.output_names))
         for name, tower in model.towers().items()
     }
-    loaded = LoadedModel(towers, spec, str(path), file_sha256(path), "checkpoint")
+    loaded = LoadedModel(towers, spec, str(path), file_sha256(path), "checkpoint", [path])
     extra = extra if isinstance(extra, dict) else {}
     eval_data = extra.get("eval_data")
     if isinstance(eval_data, str) and eval_data:
@@ -199,7 +202,9 @@ def _load_factory(ref: str, inputs: list[str], weights: str | None) -> LoadedMod
     if not module_name or not attr:
         raise DcncError(f"{ref}: expected package.module:factory")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # like `python -m`: user code next to where dcnc runs imports
+        # the user's package may sit in the folder dcnc runs from; last, so no file there can stand in for an
+        # installed module (PYTHONPATH=. puts the folder first, when that is wanted)
+        sys.path.append(str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except Exception as err:
@@ -237,7 +242,7 @@ def _load_factory(ref: str, inputs: list[str], weights: str | None) -> LoadedMod
             raise DcncError(f"{ref}: tower {name} has no input_specs; give its inputs with --input NAME:DTYPE:SHAPE")
         towers[name] = _probe(LoadedTower(name, tower.eval(), specs, list(getattr(tower, "output_names", []))), ref)
     existing = [p for p in sources if p.is_file()]
-    return LoadedModel(towers, None, ref, file_sha256(*existing) if existing else "", "factory")
+    return LoadedModel(towers, None, ref, file_sha256(*existing) if existing else "", "factory", existing)
 
 
 def _load_weights(model: nn.Module, path: Path, ref: str) -> None:
@@ -290,14 +295,11 @@ def _probe(tower: LoadedTower, ref: str) -> LoadedTower:
 def _load_program(path: Path) -> LoadedModel:
     if not path.is_file():
         raise DcncError(f"{path}: torch.export program not found")
-    try:
-        program = torch.export.load(path)
-    except Exception as err:
-        raise DcncError(f"{path}: not a readable torch.export program ({first_line(err)[:300]})") from None
+    program = load_program(path)
     specs, dim_sizes, batch_range = _program_inputs(program, path)
     outputs = [f"output_{i}" for i in range(len(program.graph_signature.user_outputs))]
     tower = LoadedTower(path.stem, program.module(), specs, outputs, program, dim_sizes, batch_range)
-    loaded = LoadedModel({tower.name: tower}, None, str(path), file_sha256(path), "pt2")
+    loaded = LoadedModel({tower.name: tower}, None, str(path), file_sha256(path), "pt2", [path])
     loaded.calibration = _calibration_files(path, loaded.towers, {})
     if not tower.has_batch:
         loaded.notes.append(

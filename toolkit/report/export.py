@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 def worst_table(checks: dict[str, list[OutputParity]], limit: int = 10) -> Table:
     """A rich table of the worst comparisons (failures first, then by error relative to scale)."""
     from rich.table import Table
+    from rich.text import Text
+
+    from toolkit.report.terminal import labelled
 
     rows = sorted(
         ((tower, c) for tower, cs in checks.items() for c in cs),
@@ -26,9 +29,8 @@ def worst_table(checks: dict[str, list[OutputParity]], limit: int = 10) -> Table
     for column in ("tower", "output", "inputs", "max abs", "at", "rel", "err/scale", "cosine", ""):
         table.add_column(column, justify="right" if column not in ("tower", "output", "inputs", "") else "left")
     for tower, c in rows:
-        verdict = "[green]ok[/green]" if c.passed else f"[red]FAIL[/red] {c.reason}".rstrip()
-        if not c.passed and not c.reason:
-            verdict += f" ({c.mismatched}/{c.size} beyond tolerance)" if c.mismatched else " (cosine)"
+        detail = c.reason or (f"({c.mismatched}/{c.size} beyond tolerance)" if c.mismatched else "(cosine)")
+        verdict = Text("ok", "green") if c.passed else labelled("FAIL", "red", detail)
         table.add_row(
             tower,
             c.output,

@@ -122,22 +122,28 @@ def summary_table(summary: dict[str, Any]):
 
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:
-    """The table, each model's train/export outcome, failed gates, the HTML report and the verdict."""
+    """The table, each model's train/export outcome, failed gates, the HTML report and the verdict (give it a
+    console that prints strings literally: toolkit.report.terminal.literal_console)."""
+    from rich.text import Text
+
+    from toolkit.report.terminal import labelled
+
     console.print(summary_table(summary))
     for model in summary["models"]:
         stages = ", ".join(f"{stage} {outcome}" for stage, outcome in model["stages"].items() if outcome != "none")
-        console.print(f"{model['name']}: {stages} ({model['source']})", highlight=False)
-    console.print(f"reports: {summary['out']}/<model>/<target>/report.md, report.json, junit.xml", highlight=False)
+        console.print(Text(f"{model['name']}: {stages} ({model['source']})"))
+    console.print(Text(f"reports: {summary['out']}/<model>/<target>/report.md, report.json, junit.xml"))
     for entry in summary["targets"]:
         if entry.get("error"):
-            console.print(f"[red]{entry['model']}/{entry['target']}:[/red] {entry['error']}", highlight=False)
+            console.print(labelled(f"{entry['model']}/{entry['target']}:", "red", entry["error"]))
         if entry["failed_gates"]:
-            console.print(f"[red]{entry['model']}/{entry['target']} failed:[/red] {', '.join(entry['failed_gates'])}",
-                          highlight=False)
+            gates = ", ".join(entry["failed_gates"])
+            console.print(labelled(f"{entry['model']}/{entry['target']} failed:", "red", gates))
     if summary.get("html_report"):
-        console.print(f"report: {summary['html_report']}", highlight=False)
-    console.print(f"summary: {summary['out']}/summary.json", highlight=False)
+        console.print(Text(f"report: {summary['html_report']}"))
+    console.print(Text(f"summary: {summary['out']}/summary.json"))
     failed = sum(not t["passed"] for t in summary["targets"])
     total = len(summary["targets"])
-    verdict = "[green]PASSED[/green]" if not failed else f"[red]FAILED[/red] {failed} of {total} target(s)"
-    console.print(f"dcnc run: {verdict} in {summary['seconds']:.1f} s")
+    verdict = ("PASSED", "green") if not failed else ("FAILED", "red")
+    detail = f" {failed} of {total} target(s)" if failed else ""
+    console.print(Text.assemble("dcnc run: ", verdict, f"{detail} in {summary['seconds']:.1f} s"))

@@ -219,6 +219,9 @@ def write_junit(report: Report, path: str | Path) -> None:
 def print_summary(report: Report, console: Console) -> None:
     """Gates, parity, retrieval or ranking and latency as rich tables, failed gates in red."""
     from rich.table import Table
+    from rich.text import Text
+
+    from toolkit.report.terminal import labelled
 
     def table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
         t = Table(title=title, title_justify="left")
@@ -241,10 +244,12 @@ def print_summary(report: Report, console: Console) -> None:
         console.print(f"trade-off: {tradeoff(report)}", highlight=False)
     for note in (report.reference_math, report.emulation):
         if note:
-            console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+            console.print(labelled("note:", "yellow", note))
     if report.quality_absent:
-        console.print(f"[yellow]quality not measured:[/yellow] {report.quality_absent}", highlight=False)
+        console.print(labelled("quality not measured:", "yellow", report.quality_absent))
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
-    verdict = "[green]PASSED[/green]" if report.passed else f"[red]FAILED[/red] {len(report.failed_gates)} gate(s)"
-    console.print(f"verify: {verdict}")
+        console.print(labelled("warning:", "yellow", warning))
+    if report.passed:
+        console.print(Text.assemble("verify: ", ("PASSED", "green")))
+    else:
+        console.print(Text.assemble("verify: ", ("FAILED", "red"), f" {len(report.failed_gates)} gate(s)"))

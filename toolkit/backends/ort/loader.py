@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from toolkit.core.errors import DcncError, first_line
+from toolkit.core.logcapture import ort_log_severity
 from toolkit.core.machine import usable_cores
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -117,7 +118,10 @@ def session_options(
     so.intra_op_num_threads = options.threads or usable_cores()
     so.inter_op_num_threads = 1  # only the parallel executor uses inter-op threads
     so.graph_optimization_level = levels["disable" if preoptimized else options.opt_level]
-    so.log_severity_level = 3  # errors only: ORT's warnings about the saved graph would drown the CLI
+    # fatal only unless --verbose: ORT's errors come back as exceptions that dcnc words in one line, and its
+    # warnings (about a saved graph, say) or printed errors would come before that line
+    so.log_severity_level = ort_log_severity()
+    ort.set_default_logger_severity(ort_log_severity())
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
     if not spinning:

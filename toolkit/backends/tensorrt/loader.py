@@ -14,6 +14,7 @@ from toolkit.backends.tensorrt.config import (
     create_config,
     optimization_profile,
 )
+from toolkit.core import fileio
 from toolkit.core.errors import DcncError, first_line
 from toolkit.core.fileio import write_json
 
@@ -112,7 +113,7 @@ def build_engine(
     except PolygraphyException as err:
         first = first_line(err, "see TensorRT's log above")
         raise DcncError(f"{onnx_path}: TensorRT {trt.__version__} could not build an engine ({first})") from None
-    engine_path.write_bytes(bytes(engine_bytes))
+    fileio.write_all(engine_path, bytes(engine_bytes))  # inside the bundle's staging: a full disk is one line
     return inspect_engine(deserialize_engine(engine_path.read_bytes(), options))
 
 

@@ -32,8 +32,9 @@ from toolkit.commands.bench.runners import (
     bundle_kind,
     prepare,
 )
-from toolkit.commands.calibration_data import check_source
+from toolkit.commands.calibration_data import check_source, source_files
 from toolkit.core.errors import DcncError
+from toolkit.core.paths import FOLDER, check_outputs, output
 from toolkit.core.progress import StepBar
 from toolkit.evaluate.latency import (
     CONCLUSIVE,
@@ -63,6 +64,7 @@ class BenchOptions:
         towers: the towers to time (default all). calib: INT8 calibration data (default: the checkpoint's).
         bundles: existing bundle directories to time beside the runners.
         out: folder for the cache of exported graphs, bundles and AOT packages.
+        json: write the report (schema dcnc.bench/1) there when done (None: not written).
         peak_n: side of the square MatMul whose peak is measured (default toolkit.commands.bench.peak.DEFAULT_N per device).
     """
 
@@ -78,6 +80,7 @@ class BenchOptions:
     bundles: tuple[str, ...] = ()
     out: str = "runs/bench"
     peak_n: int | None = None
+    json: str | None = None
 
     def check(self) -> None:
         """Refuse bad options in one line each, before anything is loaded or built."""
@@ -171,6 +174,8 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
 
     options = options or BenchOptions()
     options.check()
+    check_outputs([output(options.out, "--out", FOLDER), output(options.json, "--json", replace=True)],
+                  [model, *options.bundles, *source_files(options.calib)])
     kinds = options.kinds()
     bundles = [(Path(b), check_bundle(b)) for b in options.bundles]
     for bundle, manifest in bundles:
@@ -218,6 +223,8 @@ def run_bench(model: str, options: BenchOptions | None = None, progress: bool = 
     report["load_average_after"] = _load_average()
     report["machine"] = machine_info(options.device)
     report["versions"] = {"dcnc": __version__, **report["machine"]["versions"]}
+    if options.json:
+        write_json(report, options.json)
     return report
 
 

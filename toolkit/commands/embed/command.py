@@ -15,7 +15,6 @@ from toolkit.commands.embed.on_ray import embed_on_ray, require_ray
 from toolkit.commands.embed.output import (
     MANIFEST,
     SHARDS,
-    clear_stale_staging,
     current_output,
     output_key,
     staged_output,
@@ -23,6 +22,7 @@ from toolkit.commands.embed.output import (
 )
 from toolkit.core.errors import DcncError
 from toolkit.core.fileio import sha256_file
+from toolkit.core.paths import DIR, check_outputs, output
 
 ENGINES = ("local", "ray")
 
@@ -96,6 +96,7 @@ def embed(
     if shard_rows < 1:
         raise DcncError(f"--shard-rows {shard_rows}: must be at least 1")
     bundle, out = Path(bundle), Path(out)
+    check_outputs([output(out, "--out", DIR, replace=True)], [bundle, items])  # same inputs again: a no-op
     require_engine(options)
     manifest = load_manifest(bundle)  # the runtime and device checks run where the runner opens: here or in actors
     if tower not in manifest.towers:
@@ -108,7 +109,6 @@ def embed(
     made_from = {"bundle": sha256_file(bundle / MANIFEST), "tower": tower, "items": source.fingerprint(),
                  "id_column": id_column, "batch": batch}  # fmt: skip
     key = output_key(made_from)
-    clear_stale_staging(out)
     recorded = current_output(out, key)
     if recorded is not None:
         return recorded, True

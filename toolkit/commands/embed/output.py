@@ -3,31 +3,26 @@ whole, and its manifest.
 
 DIR/manifest.json (schema dcnc.embed/1) and DIR/shards/*.parquet (id, then each tower output as float32), so
 `pandas.read_parquet("DIR/shards")` or `ray.data.read_parquet("DIR/shards")` reads every row. The folder is written
-beside DIR under a hidden name and renamed to DIR only when complete; the staging folder of a run that was killed
-(SIGKILL, a lost node) names its host and process, and the next run removes it once that process is gone.
+beside DIR under a hidden name and renamed to DIR only when complete (toolkit.core.fileio.atomic_dir: one writer at
+a time holds DIR's lock, and the next writer removes the staging folder of a run that was killed).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
-import os
-import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
-from toolkit.core.errors import DcncError
+from toolkit.core import fileio
 from toolkit.core.fileio import atomic_dir, sha256_file
 
 SCHEMA = "dcnc.embed/1"
 MANIFEST = "manifest.json"
 SHARDS = "shards"
-OWNER = ".dcnc-embed-owner"  # in a staging folder while its run is alive: {"host", "pid"}
 # pyarrow's ParquetWriter settings for shards: dense float embeddings gain nothing from dictionary encoding, which
 # made writing 6x slower than the tower itself here and the files 1.5x larger (measured on 64-d float32 rows).
 PARQUET_WRITE = {"use_dictionary": False}
@@ -53,43 +48,12 @@ def current_output(out: Path, key: str) -> dict[str, Any] | None:
     return manifest
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def clear_stale_staging(out: Path) -> list[Path]:
-    """Remove staging folders of `out` left by runs on this host whose process is gone; the folders removed."""
-    removed = []
-    for folder in map(Path, glob.glob(str(out.parent / f".{glob.escape(out.name)}.*.tmp"))):
-        try:
-            owner = json.loads((folder / OWNER).read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or a run that has not written its owner yet
-        pid = owner.get("pid") if isinstance(owner, dict) else None
-        if isinstance(pid, int) and owner.get("host") == socket.gethostname() and not _alive(pid):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
     """A staging folder that replaces `out` when the block completes (and is removed if it raises)."""
-    with contextlib.ExitStack() as stack:
-        try:
-            staging = stack.enter_context(atomic_dir(out, force=True))
-            (staging / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-            (staging / SHARDS).mkdir()
-        except OSError as err:  # a read-only file system, a parent that is a file
-            raise DcncError(f"{out}: cannot write it ({err.strerror})") from None
+    with atomic_dir(out, force=True) as staging:
+        (staging / SHARDS).mkdir()
         yield staging
-        (staging / OWNER).unlink()
 
 
 def write_manifest(staging: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -100,5 +64,5 @@ def write_manifest(staging: Path, record: dict[str, Any]) -> dict[str, Any]:
     for file in sorted((staging / SHARDS).glob("*.parquet")):
         shards.append({"file": f"{SHARDS}/{file.name}", "rows": pq.read_metadata(file).num_rows, "sha256": sha256_file(file)})
     manifest = {"schema": SCHEMA, "dcnc": __version__, **record, "shards": shards}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    fileio.write_all(staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest

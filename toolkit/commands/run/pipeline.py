@@ -43,10 +43,15 @@ from typing import Any
 
 from toolkit.core.errors import DcncError
 from toolkit.core.fileio import read_toml
+from toolkit.core.paths import contained
 
 EXAMPLE_PIPELINE = "pipeline.toml"  # in toolkit/examples: the pipeline `dcnc run` runs without a file
 EXAMPLE_MODELS = {"two_tower": "retrieval", "ranker": "ranking"}  # example name -> toolkit.example.train family
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # model and target names become folder names
+# the run's own files (toolkit.commands.run.stages writes them), which model and target names must not take
+SUMMARY, HTML_REPORT = "summary.json", "report.html"  # in OUT, beside the model folders
+TRAIN_DIR, EXPORT_DIR, EXPORT_STAMP = "train", "export", "export.stamp.json"  # in OUT/<model>, beside the targets
+RESERVED = {"model": (SUMMARY, HTML_REPORT), "target": (TRAIN_DIR, EXPORT_DIR, EXPORT_STAMP)}
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ class Target:
     name: str
     backend: str = "ort"
     precision: str = "fp32"
-    batch: tuple[int, int, int] = (1, 256, 4096)
+    batch: tuple[int, int, int] | None = None  # None: build's default (1:256:4096, or a fixed graph's batch)
     calib: Path | None = None
     calib_method: str = "minmax"
     calib_samples: int | None = None
@@ -174,9 +179,12 @@ def _choice(*choices: str):
     return check
 
 
-def _name(value: Any) -> str:
-    if not isinstance(value, str) or not NAME.match(value):
-        raise _Bad(f"{value!r} is not a name of letters, digits, '_', '.', '-' (it names a folder)")
+def _name(value: Any, kind: str = "model") -> str:
+    """A model or target name: one folder name of the run's output, not one of the run's own files."""
+    if not isinstance(value, str) or not NAME.match(value) or len(value.encode()) > 200:
+        raise _Bad(f"{value!r} is not a name of letters, digits, '_', '.', '-' (it names a folder), at most 200 long")
+    if value.lower() in RESERVED[kind]:
+        raise _Bad(f"{value!r} is a file dcnc run writes there itself (names it keeps: {', '.join(RESERVED[kind])})")
     return value
 
 
@@ -261,26 +269,31 @@ class _Reader:
                 raise self.fail(f"{where}.{key}" if where else key, str(bad)) from None
         return parsed
 
+    def inside(self, text: str) -> Path:
+        """`text` as a path inside the pipeline file's folder (toolkit.core.paths.contained)."""
+        try:
+            return contained(self.folder, text, "paths a pipeline names are relative to its folder")
+        except DcncError as err:
+            raise _Bad(str(err).partition(": ")[2]) from None
+
     def file(self, value: Any) -> Path:
-        """A path relative to the pipeline file's folder, which must exist."""
-        path = Path(_text(value))
-        path = path if path.is_absolute() else self.folder / path
+        """A path relative to the pipeline file's folder, inside it, which must exist."""
+        path = self.inside(_text(value))
         if not path.exists():
             raise _Bad(f"{path} not found")
         return path
 
     def source(self, value: Any) -> str:
-        """A checkpoint or .pt2 path (relative to the file, must exist), or package.module:factory as given."""
+        """A checkpoint or .pt2 path (relative to the file, inside its folder, must exist), or
+        package.module:factory as given."""
         text = _text(value)
-        path = Path(text) if Path(text).is_absolute() else self.folder / text
-        if path.suffix in (".pt", ".pth", ".pt2") or path.exists():
-            if not path.is_file():
-                raise _Bad(f"{path} not found")
-            return str(path)
         module, _, attr = text.partition(":")
-        if not module or not attr or "/" in module:
-            raise _Bad(f"{text!r} is neither an existing checkpoint / .pt2 file nor package.module:factory")
-        return text
+        if module and attr and "/" not in text and not text.endswith((".pt", ".pth", ".pt2")):
+            return text
+        path = self.inside(text)
+        if not path.is_file():
+            raise _Bad(f"{path} not found")
+        return str(path)
 
     def export(self, data: Any, where: str) -> dict[str, Any]:
         return self.table(data, where, {"opset": _opset, "passes": _passes, "validate": _boolean,
@@ -304,7 +317,8 @@ class _Reader:
         for index, entry in enumerate(data):
             here = f"{where}[{index}]"
             values = self.table(entry, here, {
-                "name": _name, "backend": _choice(*BACKENDS), "precision": _choice(*PRECISIONS), "batch": _batch,
+                "name": lambda v: _name(v, "target"), "backend": _choice(*BACKENDS),
+                "precision": _choice(*PRECISIONS), "batch": _batch,
                 "calib": self.file, "calib_method": _choice(*METHODS),
                 "calib_samples": _integer, "threads": _integer, "gates": _gates,
             })

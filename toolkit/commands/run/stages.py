@@ -26,6 +26,11 @@ from toolkit import __version__
 from toolkit.commands.calibration_data import source_hash
 from toolkit.commands.run.pipeline import (
     EXAMPLE_MODELS,
+    EXPORT_DIR,
+    EXPORT_STAMP,
+    HTML_REPORT,
+    SUMMARY,
+    TRAIN_DIR,
     ModelJob,
     Pipeline,
     Target,
@@ -33,12 +38,11 @@ from toolkit.commands.run.pipeline import (
 )
 from toolkit.core.errors import DcncError
 from toolkit.core.fileio import write_json
+from toolkit.core.paths import FOLDER, check_outputs, output
 from toolkit.core.stamps import Stage, content_hash
 from toolkit.report.runsummary import target_summary
 
 SCHEMA = "dcnc.run/1"
-SUMMARY = "summary.json"
-HTML_REPORT = "report.html"
 REPORT_FILES = {"report": "report.json", "markdown": "report.md", "junit": "junit.xml"}
 
 Say = Callable[[str], None]
@@ -73,9 +77,9 @@ def _source(job: ModelJob, folder: Path, quiet: bool, say: Say) -> tuple[str, st
     from toolkit.example.train import ensure_examples
 
     family = EXAMPLE_MODELS[job.example]
-    say(f"{job.name} train: checking {folder / 'train'}")
+    say(f"{job.name} train: checking {folder / TRAIN_DIR}")
     started = time.perf_counter()
-    result = ensure_examples(folder / "train", job.dataset, None, (family,), job.epochs, job.seed, quiet)[family]
+    result = ensure_examples(folder / TRAIN_DIR, job.dataset, None, (family,), job.epochs, job.seed, quiet)[family]
     if result["trained"]:
         say(f"{job.name} train: done in {time.perf_counter() - started:.1f} s")
         return result["checkpoint"], "trained"
@@ -91,9 +95,9 @@ def _export(job: ModelJob, loaded, folder: Path, force: bool, say: Say) -> tuple
     from toolkit.commands.export import export_model
 
     settings = job.export
-    export_dir = folder / "export"
+    export_dir = folder / EXPORT_DIR
     eval_rows = loaded.eval_data if settings.validate and loaded.eval_data is not None else None
-    stage = Stage(f"{job.name}/export", folder / "export.stamp.json", {
+    stage = Stage(f"{job.name}/export", folder / EXPORT_STAMP, {
         "source": loaded.source_hash, "kind": loaded.kind, "settings": dataclasses.asdict(settings),
         "validation_rows": content_hash(eval_rows) if eval_rows is not None else None,
         "torch": torch.__version__, "onnx": onnx.__version__,
@@ -103,7 +107,6 @@ def _export(job: ModelJob, loaded, folder: Path, force: bool, say: Say) -> tuple
         several = len(loaded.towers) > 1
         if not several and export_dir.exists():
             shutil.rmtree(export_dir)  # a single tower is written as a file into the folder: clear leftovers
-        (export_dir.parent if several else export_dir).mkdir(parents=True, exist_ok=True)
         target = export_dir if several else export_dir / f"{next(iter(loaded.towers))}.onnx"
         export_model(loaded, target, settings.opset, settings.validate, force=True,
                      validate_batch=settings.validate_batch, passes=list(settings.passes) or None)
@@ -140,7 +143,6 @@ def _verify(job: ModelJob, target: Target, source: str, source_hash: str, data: 
     from toolkit.commands.verify import verify
     from toolkit.evaluate.latency import LatencyPolicy
     from toolkit.evaluate.verify import VerifyOptions
-    from toolkit.report import verify as reports
 
     settings = job.verify
     gates = {**settings.gates, **target.gates}
@@ -155,11 +157,8 @@ def _verify(job: ModelJob, target: Target, source: str, source_hash: str, data: 
     }, paths)
 
     def work() -> None:
-        result = verify(source, folder / "bundle", data, target.device, options, None, gates, None,
-                        settings.branches)
-        reports.write_json(result, paths["report"])
-        reports.write_markdown(result, paths["markdown"])
-        reports.write_junit(result, paths["junit"])
+        verify(source, folder / "bundle", data, target.device, options, None, gates, None, settings.branches,
+               outputs=paths)
 
     outcome, _ = _timed(say, f"{job.name}/{target.name} verify", stage, force, work, done="verified")
     report = json.loads(paths["report"].read_text())
@@ -207,12 +206,12 @@ def _run_model(job: ModelJob, out: Path, force: bool, quiet: bool, say: Say, whe
         say(f"{job.name} export: FAILED ({model_entry['error']})")
         return model_entry, [_failed_target(job, t, model_entry["error"]) for t in job.targets], {}
     model_entry["stages"]["export"] = outcome
-    model_entry["export"] = str(folder / "export")
+    model_entry["export"] = str(folder / EXPORT_DIR)
     entries, reports = [], {}
     for target in job.targets:
         tdir = folder / target.name
         calib = calibs[target.name]
-        built, build_hashes = _build(job, target, folder / "export", export_hashes, calib, tdir, force, say)
+        built, build_hashes = _build(job, target, folder / EXPORT_DIR, export_hashes, calib, tdir, force, say)
         verified, report = _verify(job, target, source, loaded.source_hash, Path(data), build_hashes, tdir, force, say)
         paths = {"bundle": str(tdir / "bundle"), **{k: str(tdir / f) for k, f in REPORT_FILES.items()}}
         entries.append(target_summary(job.name, target, report, {"build": built, "verify": verified}, paths))
@@ -238,8 +237,7 @@ def run_pipeline(pipeline: Pipeline, out: str | Path, force: bool = False, quiet
     """
     say = say or _quiet
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DcncError(f"--out {out}: exists and is not a folder")
+    check_outputs([output(out, "--out", FOLDER)], pipeline_inputs(pipeline))
     for job in pipeline.models:
         _check_targets(job, pipeline.label)
     started = time.perf_counter()
@@ -262,6 +260,14 @@ def run_pipeline(pipeline: Pipeline, out: str | Path, force: bool = False, quiet
     }
     write_json(out / SUMMARY, summary)
     return summary
+
+
+def pipeline_inputs(pipeline: Pipeline) -> list[Path | str]:
+    """What a run reads that the user gave it: the pipeline file and the files its models name."""
+    named: list[Path | str] = [pipeline.path] if pipeline.path is not None else []
+    for job in pipeline.models:
+        named += [job.source, job.calib, job.verify.data, *(t.calib for t in job.targets)]
+    return [p for p in named if p is not None]
 
 
 def _write_html(reports: dict[str, dict], path: Path, title: str) -> str:

@@ -11,13 +11,14 @@ File formats (np.savez, no pickles; other stages read them, so they are fixed):
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from toolkit.core.errors import DcncError
-from toolkit.core.fileio import atomic_path
+from toolkit.core.fileio import atomic_write_bytes
 from toolkit.example.data.interactions import Interactions
 
 POSITIVE_RATING = 4.0  # ranking label: rating >= 4 is a positive
@@ -88,8 +89,9 @@ def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     for name, array in arrays.items():
         if array.dtype == object:
             raise DcncError(f"{path}: array {name!r} has dtype object, which .npz can only store as a pickle")
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _table(table: dict[str, np.ndarray], name: str, dataset: str) -> np.ndarray:
