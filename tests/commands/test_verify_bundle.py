@@ -17,10 +17,12 @@ from verify_cases import CLI_FAST
 from cli import app
 from toolkit.commands.build import build_bundle
 from toolkit.commands.verify import verify
+from toolkit.core.onnxio import load_onnx, weight_digests
 from toolkit.core.errors import DcncError
 from toolkit.evaluate.latency import LatencyPolicy
-from toolkit.evaluate.verify import VerifyOptions
+from toolkit.evaluate.verify import VerifyOptions, ratio_resolution
 from toolkit.model.checkpoint import save_checkpoint
+from toolkit.model.loading import load_model
 
 FAST = VerifyOptions(ks=(1, 5), batch_sizes=(1, 16), warmup=1, iterations=3, policy=LatencyPolicy(budget_s=0))
 
@@ -49,15 +51,51 @@ def test_progress_bar_over_item_chunks_leaves_the_result_unchanged(verify_case):
     assert report.retrieval["agreement"]["5"] == 1.0 and report.passed
 
 
-def test_recall_ratio_resolution_is_one_hit_at_a_typical_query(verify_case):
+def test_the_weights_gate_checks_every_parameter_the_export_kept_and_passes_a_faithful_bundle(verify_case):
     report = verify(verify_case / "model.pt", verify_case / "bundle", verify_case / "eval.npz",
                     options=dataclasses.replace(FAST, latency=False), branches=False)  # fmt: skip
-    pairs = np.unique(np.load(verify_case / "eval.npz")["relevance"], axis=0)
-    judged, per_query = np.unique(pairs[:, 0], return_counts=True)
-    for k, recall in report.retrieval["recall"]["reference"].items():
-        # one hit at a query with the median number of relevant items; no hits: nothing can be resolved
-        expected = 1 / (len(judged) * np.median(per_query) * recall) if recall > 0 else 1.0
-        assert report.retrieval["recall_ratio_resolution"][k] == pytest.approx(expected)
+    loaded = load_model(str(verify_case / "model.pt"))
+    for tower in ("query", "item"):
+        exported = weight_digests(load_onnx(verify_case / "onnx_fp32" / f"{tower}.onnx"))
+        linear = [f"{n}.weight" for n, m in loaded.towers[tower].module.named_modules() if isinstance(m, nn.Linear)]
+        assert linear and set(linear) <= set(exported)  # the cross and deep layers' weights are among those checked
+        assert report.weights[tower] == {"checked": len(set(exported) & set(loaded.towers[tower].weight_digests())),
+                                         "mismatched": []}  # fmt: skip
+        (gate,) = [g for g in report.gates if g.name == f"weights.{tower}.mismatched"]
+        assert gate.passed and gate.value == 0
+
+
+def test_a_bundle_built_from_other_weights_fails_the_weights_gate_naming_them(verify_case):
+    report = verify(verify_case / "model.pt", verify_case / "broken", verify_case / "eval.npz",
+                    options=dataclasses.replace(FAST, latency=False), branches=False)  # fmt: skip
+    for tower in ("query", "item"):
+        (gate,) = [g for g in report.gates if g.name == f"weights.{tower}.mismatched"]
+        assert not gate.passed and gate.value == 1
+        assert report.weights[tower]["mismatched"][0] in gate.reason
+
+
+def test_a_bundle_without_source_weights_is_verified_without_the_weights_gate(verify_case, tmp_path):
+    bundle = shutil.copytree(verify_case / "bundle", tmp_path / "old")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for entry in manifest["towers"].values():
+        del entry["source_weights"]  # a bundle built before dcnc recorded them
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    report = verify(verify_case / "model.pt", bundle, verify_case / "eval.npz",
+                    options=dataclasses.replace(FAST, latency=False), branches=False)  # fmt: skip
+    assert report.passed and report.weights == {} and not [g for g in report.gates if g.name.startswith("weights.")]
+
+
+def test_the_recall_ratio_resolves_two_standard_errors_of_the_paired_per_query_difference():
+    reference = np.array([1.0, 0.0, 0.5, 0.0] * 50)
+    assert ratio_resolution(reference, reference) == 0.0  # the same answers: every change is resolved
+    swapped = reference.copy()
+    swapped[[0, 1]] = [0.0, 1.0]  # one hit lost, one gained: chance, and the ratio stays 1
+    expected = 2 * np.std(swapped - reference, ddof=1) / np.sqrt(200) / reference.mean()
+    assert ratio_resolution(reference, swapped) == pytest.approx(expected)
+    lost = reference.copy()
+    lost[[0, 4, 8, 12, 16, 20, 24, 28, 32, 36]] = 0.0  # ten queries lose their hit: past two standard errors
+    assert 1 - (lost.mean() / reference.mean()) > ratio_resolution(reference, lost)
+    assert ratio_resolution(np.zeros(5), np.ones(5)) == 1.0  # no reference hits: nothing can be resolved
 
 
 def test_bundle_with_perturbed_weights_fails(verify_case):

@@ -40,6 +40,9 @@ class TowerEntry:
     engine: str | None = None
     engine_info: dict | None = None  # TensorRT inspector: layers (name, type, precision, tactic), aux_streams
     lowering: Lowering | None = None  # what the precision lowering did: nodes kept FP32 and why, the Q/DQ record
+    # sha256_weights of the source ONNX's float initializers, by name: verify matches them to the reference's
+    # parameters, the one check a lowering's own error cannot hide (a drifted export under INT8 rounding)
+    source_weights: dict[str, str] | None = None
 
 
 @dataclass
@@ -170,6 +173,10 @@ def _tower_problems(towers: object) -> list[str]:
         for key in ("engine_info", "lowering"):
             if entry.get(key) is not None and not isinstance(entry[key], dict):
                 problems.append(f"towers.{name}.{key}: expected a table or null, got {_kind(entry[key])}")
+        digests = entry.get("source_weights")
+        if digests is not None and not (isinstance(digests, dict) and all(
+                isinstance(d, str) and SHA256.fullmatch(d) for d in digests.values())):  # fmt: skip
+            problems.append(f"towers.{name}.source_weights: expected a table of sha256 digests or null")
     return problems
 
 

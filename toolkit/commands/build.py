@@ -36,6 +36,7 @@ from toolkit.core.onnxio import (
     load_onnx,
     save_onnx,
     tensor_entries,
+    weight_digests,
 )
 from toolkit.core.paths import DIR, check_outputs, output
 
@@ -299,6 +300,7 @@ def build_bundle(
         embedding_towers = sum(embedding_tower(graph) for graph in graphs.values())
         for tower, graph in graphs.items():
             say = (lambda line, tower=tower: progress(f"{tower}: {line}")) if progress else None
+            digests = weight_digests(graph)  # before lowering: it may rewrite the graph in place
             lowered, record = lower(graph, calib, tower, embedding_towers, batch[1], say)
             onnx_rel = f"{tower}.onnx"
             save_onnx(lowered, tmp / onnx_rel)
@@ -308,6 +310,7 @@ def build_bundle(
                 outputs=tensor_entries(graph_outputs(lowered)),
                 source_sha256=manifest.inputs["model"]["sha256"][tower],
                 lowering=record,
+                source_weights=digests,
             )
             if backend == "tensorrt":
                 from toolkit.backends.tensorrt.loader import build_engine

@@ -18,7 +18,7 @@ from toolkit.core.machine import machine_load
 from toolkit.core.onnxio import load_onnx
 from toolkit.core.paths import check_outputs, output
 from toolkit.evaluate.evaldata import load_corpus_eval, load_eval
-from toolkit.evaluate.gates import load_baseline, resolve_thresholds
+from toolkit.evaluate.gates import load_baseline, match_weights, resolve_thresholds, weight_gates
 from toolkit.evaluate.result import Report
 from toolkit.evaluate.verify import VerifyOptions, emulated_runners, verify_runners
 from toolkit.model.loading import SignedTower, load_model
@@ -110,6 +110,8 @@ def verify(
         evaluation = load_corpus_eval(data, specs, scan, scan.label)
     else:
         evaluation = load_eval(data, specs, {t: list(tw.output_names) for t, tw in towers.items()}, require_quality)
+    weights = {t: match_weights(entry.source_weights, towers[t].weight_digests())
+               for t, entry in manifest.towers.items() if entry.source_weights and t in towers}  # fmt: skip
     load = machine_load(options.threads)
     reference_runners = {t: TorchRunner(SignedTower(tw), device, name=f"torch:{t}") for t, tw in towers.items()}
     bundle_runners = {t: tower_runner(bundle, manifest, t, load.threads, spinning=False) for t in manifest.towers}
@@ -133,6 +135,8 @@ def verify(
         )
     if report.latency is not None and branches and device == "cpu":
         report.latency["branches"] = _branch_timing(Path(bundle), manifest, max(options.batch_sizes))
+    report.weights = weights
+    report.gates += weight_gates(weights)
     report.warnings += _isa_warnings(manifest)
     for kind, path in outputs.items():
         REPORT_WRITERS[kind](report, path, Path(bundle).resolve().name)

@@ -293,6 +293,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_weights(array) -> str:
+    """Hash of a weight tensor's shape and float32 values (a numpy array): the same in a torch module and in the
+    ONNX initializer exported from it."""
+    import numpy as np
+
+    values = np.ascontiguousarray(array, dtype="<f4")
+    return hashlib.sha256(repr(values.shape).encode() + values.tobytes()).hexdigest()
+
+
 def sha256_tree(path: Path) -> str:
     """Hash of a file, or of a directory's files (relative names and contents, in sorted order)."""
     if path.is_file():

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from toolkit.core.errors import DcncError, first_line
-from toolkit.core.fileio import atomic_path, atomic_write_bytes
+from toolkit.core.fileio import atomic_path, atomic_write_bytes, sha256_weights
 from toolkit.core.signature import TensorSpec
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 1  # protobuf cannot serialise one message above 2 GB
@@ -107,6 +108,12 @@ def graph_outputs(model: onnx.ModelProto) -> list[TensorSpec]:
 def tensor_entries(specs: list[TensorSpec]) -> list[dict]:
     """{name, dtype, shape} records, as a bundle manifest lists a tower's inputs and outputs."""
     return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in specs]
+
+
+def weight_digests(model: onnx.ModelProto) -> dict[str, str]:
+    """sha256_weights of each float32 initializer with a shape (parameters keep their torch names in an export)."""
+    return {init.name: sha256_weights(numpy_helper.to_array(init)) for init in model.graph.initializer
+            if init.data_type == onnx.TensorProto.FLOAT and init.dims}  # fmt: skip
 
 
 def set_metadata(model: onnx.ModelProto, key: str, value: Any) -> onnx.ModelProto:

@@ -102,10 +102,15 @@ def _pair_keys(rows: np.ndarray, ids: np.ndarray, num_items: int) -> np.ndarray:
 
 
 def recall_at_k(top_ids: np.ndarray, relevance: np.ndarray, ks: Iterable[int]) -> dict[int, float]:
-    """Mean over queries with at least one relevant item of |top-k ∩ relevant| / |relevant|.
+    """Mean over queries with at least one relevant item of |top-k ∩ relevant| / |relevant| (recall_per_query)."""
+    return {k: float(np.mean(values)) for k, values in recall_per_query(top_ids, relevance, ks).items()}
+
+
+def recall_per_query(top_ids: np.ndarray, relevance: np.ndarray, ks: Iterable[int]) -> dict[int, np.ndarray]:
+    """|top-k ∩ relevant| / |relevant| of each query with at least one relevant item, in query order.
 
     top_ids: int [Q, Kmax], best first. relevance: int [P, 2] of (query row, item row); duplicate pairs count
-    once. Queries without relevant items are left out of the mean. Each k must be <= Kmax.
+    once. Queries without relevant items are left out. Each k must be <= Kmax.
     """
     num_queries, k_max = top_ids.shape
     ks = sorted(set(ks))
@@ -126,7 +131,7 @@ def recall_at_k(top_ids: np.ndarray, relevance: np.ndarray, ks: Iterable[int]) -
     result = {}
     for k in ks:
         hits = np.bincount(query_of[rank < k], minlength=num_queries)
-        result[k] = float(np.mean(hits[judged] / per_query[judged]))
+        result[k] = hits[judged] / per_query[judged]
     return result
 
 

@@ -50,6 +50,7 @@ class Report:
     emulation: str | None = None  # how the candidate's answers were computed, when not by the bundle itself
     reference_math: str | None = None  # how the reference computed, where it could differ (TF32 on CUDA)
     quality_absent: str | None = None  # why the data gave no quality metric (numeric-only verify)
+    weights: dict[str, Any] | None = None  # per tower: source weights checked by name against the reference's
     seconds: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # e.g. an INT8 bundle running on a CPU it was not built for

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from toolkit.core.errors import DcncError, first_line
-from toolkit.core.fileio import sha256_file
+from toolkit.core.fileio import sha256_file, sha256_weights
 from toolkit.core.signature import TensorSpec, random_inputs
 from toolkit.model.pt2 import load_program
 from toolkit.model.spec import ModelSpec
@@ -60,6 +60,11 @@ class LoadedTower:
             for s in self.input_specs
         ]
         return random_inputs(sized, batch, seed)
+
+    def weight_digests(self) -> dict[str, str]:
+        """sha256_weights of each float32 parameter and buffer, by its state_dict name."""
+        return {name: sha256_weights(value.detach().cpu().numpy()) for name, value in self.module.state_dict().items()
+                if value.dtype == torch.float32 and value.dim()}  # fmt: skip
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The torch outputs for `feeds`, keyed by output name."""

@@ -34,6 +34,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "gates": [g.to_json() for g in report.gates],
         "thresholds": report.thresholds,
         "parity": report.parity,
+        "weights": report.weights,
         "latency": report.latency,
         "seconds": report.seconds,
         "machine": report.machine,
