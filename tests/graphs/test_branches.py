@@ -6,16 +6,20 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from calib_towers import random_feeds, tower_graph
 from onnx import helper
 from torch import nn
 from tower_graphs import module_graph, run, zoo_feeds, zoo_graph
 
+from calibration.int8 import quantize_int8
+from calibration.reader import CalibrationData
 from graphs.branches import (
     ConcurrencyBroken,
     analyze,
     check_concurrency,
     extract_branch,
 )
+from toolkit.core.errors import DcncError
 from toolkit.core.signature import TensorSpec
 from toolkit.evaluate.branch_timing import time_branches
 
@@ -191,3 +195,11 @@ def test_keras_layout_is_recognised():
     report = analyze(module_graph(KerasStyleTower(), "keras"))
     assert len(report.cross_layers) == 3
     assert report.parallel
+
+
+def test_branch_timing_of_an_int8_graph_says_the_analysis_does_not_follow_qdq_pairs():
+    model = tower_graph()
+    assert analyze(model).structure == "parallel"
+    quantized, _ = quantize_int8(model, CalibrationData(random_feeds(model, 64, seed=0), batch_size=64), target="cpu")
+    with pytest.raises(DcncError, match=r"not measured on INT8 \(Q/DQ\) graphs"):
+        time_branches(quantized, batch=8)

@@ -25,8 +25,12 @@ def time_branches(
     max means they ran one after the other. serial_ratio = t_parallel / (t_cross + t_deep).
     """
     report = analyze(model)
-    if not report.parallel or not report.x0_width:
-        raise DcncError("branch timing needs a parallel tower with a static x0 width")
+    if not report.parallel:
+        quantized = any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+        raise DcncError("branch timing is not measured on INT8 (Q/DQ) graphs: the branch analysis does not follow"
+                        " Q/DQ pairs" if quantized else "branch timing needs a parallel tower (cross and deep on one x0)")
+    if not report.x0_width:
+        raise DcncError("branch timing needs a static x0 width")
     # three sessions take turns: a pool left spinning after its run would steal the cores from the next one
     sessions = {
         name: ort_session(extract_branch(model, name, report), options=OrtOptions(threads=threads), spinning=False,
