@@ -111,3 +111,31 @@ def test_an_unreachable_min_agreement_is_refused_with_the_best_point_and_nothing
     assert "int8 tower item: held-out agreement@100 reaches at best" in result.output
     assert "layers kept FP32:" in result.output and "split over 2 embedding towers" in result.output
     assert not (tmp_path / "bundle").exists()
+
+
+def _build_raw(tmp_path, *extra: str):
+    """An INT8 build of the query tower with the exporter's names (no canonicalize pass) and its record."""
+    raw = tower_graph()
+    for index, node in enumerate(raw.graph.node):
+        node.name = f"node_{index}"
+    onnx.save(raw, tmp_path / "query.onnx")
+    np.savez(tmp_path / "query_calib.npz", **random_feeds(raw, 128, seed=2))
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "query.onnx"), "--out", str(tmp_path / "bundle"),
+                                      "--precision", "int8", "--calib", str(tmp_path / "query_calib.npz"), *extra])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    int8 = onnx.load(tmp_path / "bundle" / "query.onnx")
+    metadata = {p.key: json.loads(p.value) for p in int8.metadata_props if p.key.startswith("dcnc.")}
+    return {node.name for node in int8.graph.node}, metadata
+
+
+def test_an_export_without_canonical_names_is_searched_by_canonical_layers(tmp_path):
+    names, metadata = _build_raw(tmp_path)
+    # head/0's Concat and Gemm now form one unit the search can keep FP32 together
+    assert {"head/0/Concat", "head/0/Gemm", "cross/1/Mul"} <= names
+    assert [record["name"] for record in metadata["dcnc.passes"]] == ["canonicalize"]
+
+
+def test_nodes_named_by_keep_fp32_keep_their_names(tmp_path):
+    names, metadata = _build_raw(tmp_path, "--keep-fp32", "node_19")  # the head's first Gemm
+    assert "node_19" in names and "head/0/Gemm" not in names
+    assert "node_19" in metadata["dcnc.lowering"]["kept_fp32"] and "dcnc.passes" not in metadata

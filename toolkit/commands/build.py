@@ -146,11 +146,13 @@ class Lowering:
             data = calibration_data(calib, tower, graph_inputs(model), self.calib_samples, self.seed)
         if self.precision == "int8":
             from calibration.int8 import quantize_int8
-            from toolkit.commands.int8_search import DEFAULT_MIN_AGREEMENT, searched_int8
+            from toolkit.commands.int8_search import DEFAULT_MIN_AGREEMENT, canonical, searched_int8
 
             keep = [n for n in self.keep_fp32 if n in {node.name for node in model.graph.node}]
             if self.target != "cpu":
                 return quantize_int8(model, data, self.calib_method, self.target, keep)
+            if not self.keep_fp32:  # names the user gave stay as they are
+                model = canonical(model)
             target = DEFAULT_MIN_AGREEMENT if self.min_agreement is None else self.min_agreement
             return searched_int8(model, data, tower, self.calib_method, self.int8_isa, target, embedding_towers,
                                  keep, self.seed, timing_batch, say)  # fmt: skip

@@ -3,6 +3,10 @@ calibrate on and held-out rows, each tower judged on the held-out rows by what i
 (toolkit.evaluate.task_metrics.held_out_metric), and the lowering with the fewest layers FP32 that meets
 --min-agreement chosen (calibration.search), its curve recorded.
 
+The search keeps whole layers FP32, and only canonical node names (graphs.passes.canonicalize: `head/0/Concat`
+beside `head/0/Gemm`) put a layer's Concat in its unit; a graph exported without that pass (`--passes none`, or
+another exporter) is canonicalized first, unless --keep-fp32 names its nodes.
+
 A bundle's embedding towers serve together (a query tower's embeddings are searched among an item tower's), so
 their disagreements add up: each of n embedding towers gets 1/n of the budget, 1 - (1 - min_agreement) / n.
 """
@@ -14,9 +18,11 @@ from collections.abc import Callable
 from calibration.int8 import Int8Lowerer
 from calibration.reader import CalibrationData, hold_out
 from calibration.search import HELD_OUT_FRACTION, search_precision
+from graphs.passes.manager import METADATA_KEY as PASSES_KEY
+from graphs.passes.manager import PassRecord, attach_records, run_passes
 from toolkit.core.errors import DcncError
 from toolkit.core.lowering import METADATA_KEY, Int8Lowering
-from toolkit.core.onnxio import graph_outputs, set_metadata
+from toolkit.core.onnxio import get_metadata, graph_outputs, set_metadata
 from toolkit.evaluate.task_metrics import held_out_metric
 
 DEFAULT_MIN_AGREEMENT = 0.99
@@ -26,6 +32,20 @@ def embedding_tower(model) -> bool:
     """A tower whose first output is an embedding ([B, D], D > 1), not a score."""
     shape = graph_outputs(model)[0].shape
     return len(shape) == 2 and shape[1] != 1
+
+
+def canonical(model):
+    """`model` with canonical node names: as it is when its export ran graphs.passes.canonicalize, else after
+    that pass (its record added to the graph's dcnc.passes); as it is when the pass refuses it (the names only
+    shape the search's units)."""
+    records = get_metadata(model, PASSES_KEY) or []
+    if any(record.get("name") == "canonicalize" for record in records):
+        return model
+    try:
+        renamed, added = run_passes(model, ["canonicalize"])
+    except DcncError:
+        return model
+    return attach_records(renamed, [*(PassRecord(**record) for record in records), *added])
 
 
 def searched_int8(
