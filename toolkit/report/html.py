@@ -20,7 +20,7 @@ from toolkit.core.fileio import atomic_write_text
 from toolkit.evaluate.latency import INCONCLUSIVE
 from toolkit.evaluate.result import SCHEMA
 from toolkit.report.svgchart import PALETTE, Bar, Series, bar_chart, line_chart, usable
-from toolkit.report.verify import format_number, gate_result, speedup_text
+from toolkit.report.verify import format_number, format_rate, gate_result, speedup_text
 
 REFERENCE_COLOR, CANDIDATE_COLOR = PALETTE[0], PALETTE[1]
 HISTOGRAM_BARS = 48  # at most this many bars per error histogram: neighbouring log bins are merged
@@ -261,7 +261,7 @@ def _latency(latency: dict[str, Any]) -> str:
         for batch, e in entries:
             rows.append([tower, batch, _get(e, "reference", "p50_ms"), _get(e, "reference", "p90_ms"),
                          _get(e, "reference", "p99_ms"), _get(e, "candidate", "p50_ms"), _get(e, "candidate", "p90_ms"),
-                         _get(e, "candidate", "p99_ms"), format_number(_get(e, "candidate", "throughput"), 5),
+                         _get(e, "candidate", "p99_ms"), format_rate(_get(e, "candidate", "throughput")),
                          speedup_text(e)])
     header = ["tower", "batch", "ref p50 ms", "ref p90 ms", "ref p99 ms", "cand p50 ms", "cand p90 ms", "cand p99 ms",
               "cand samples/s", "speedup (95%)"]

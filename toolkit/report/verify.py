@@ -60,6 +60,13 @@ def format_number(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def format_rate(value: Any) -> str:
+    """A rate for people: whole units with thousands separators (1,262,000), "n/a" for None and NaN."""
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return "n/a"
+    return f"{value:,.0f}"
+
+
 def gate_result(passed: bool, reason: str | None) -> str:
     """"pass", "FAIL", or "FAIL (reason)" when the gate's value could not be judged."""
     return "pass" if passed else f"FAIL ({reason})" if reason else "FAIL"
@@ -102,7 +109,7 @@ def _latency_rows(report: Report) -> list[tuple[str, ...]]:
         for batch, e in batches.items():
             rows.append((tower, batch, format_number(e["reference"]["p50_ms"]), format_number(e["reference"]["p99_ms"]),
                          format_number(e["candidate"]["p50_ms"]), format_number(e["candidate"]["p99_ms"]),
-                         format_number(e["candidate"]["throughput"], 5), speedup_text(e),
+                         format_rate(e["candidate"]["throughput"]), speedup_text(e),
                          str(e.get("rounds", e["candidate"]["iterations"]))))
     return rows
 
