@@ -121,6 +121,10 @@ def summary_table(summary: dict[str, Any]):
     return table
 
 
+STAGE_PHRASES = {("train", "trained"): "trained", ("train", "current"): "training current",
+                 ("export", "built"): "exported", ("export", "current"): "export current"}
+
+
 def print_summary(summary: dict[str, Any], console: Console) -> None:
     """The table, each model's train/export outcome, failed gates, the HTML report and the verdict (give it a
     console that prints strings literally: toolkit.report.terminal.literal_console)."""
@@ -130,7 +134,8 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
 
     console.print(summary_table(summary))
     for model in summary["models"]:
-        stages = ", ".join(f"{stage} {outcome}" for stage, outcome in model["stages"].items() if outcome != "none")
+        stages = ", ".join(STAGE_PHRASES.get((stage, outcome), f"{stage} {outcome}")
+                           for stage, outcome in model["stages"].items() if outcome != "none")
         console.print(Text(f"{model['name']}: {stages} ({model['source']})"))
     console.print(Text(f"reports: {summary['out']}/<model>/<target>/report.md, report.json, junit.xml"))
     for entry in summary["targets"]:
