@@ -182,7 +182,7 @@ def verify(
     markdown: str = typer.Option(None, "--markdown", help="Write a Markdown summary here."),
     html: str = typer.Option(None, "--html", help="Write a self-contained HTML report here (charts inline, opens offline)."),
     gates: str = typer.Option(None, "--gates", help="TOML gates file: precision and a [gates] table of thresholds."),
-    baseline: str = typer.Option(None, "--baseline", help="An earlier JSON report: fail if latency regressed beyond this run's noise."),
+    baseline: str = typer.Option(None, "--baseline", help="An earlier JSON report: fail if a speedup dropped by more than the two runs' noise together (at most 25%)."),
     k: str = typer.Option("1,10,100", "--k", help="K values for recall@K and agreement@K."),
     batch_sizes: str = typer.Option("1,64,512", "--batch-sizes", help="Latency batch sizes (those outside the bundle's profile are skipped)."),
     iterations: int = typer.Option(50, "--iterations", help="Timed rounds per batch size (reference and candidate alternate call by call)."),

@@ -166,6 +166,13 @@ def test_a_20_percent_regression_fails_on_a_quiet_run():
     assert gate.value == pytest.approx(0.25) and not gate.passed and gate.reason is None
 
 
+def test_the_baselines_own_noise_counts_with_this_runs():
+    baseline = report_with(latency_entry(10.0, 2.0, noise=0.06))
+    now = report_with(latency_entry(10.0, 2.2, noise=0.09))["latency"]  # 10 % slower: inside +-6 % and +-9 % together
+    (gate,) = baseline_gates(now, baseline, floor=0.02)
+    assert gate.threshold == pytest.approx(0.108, abs=1e-3) and gate.passed
+
+
 def test_a_noisy_run_never_tolerates_more_than_25_percent_and_says_it_cannot_judge():
     baseline = report_with(latency_entry(10.0, 2.0))
     now = report_with(latency_entry(10.0, 2.1, noise=0.89))["latency"]  # the noise once measured under load

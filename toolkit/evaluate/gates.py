@@ -15,7 +15,7 @@ Gates file (every key optional; flags override it, it overrides the precision's 
     auc_diff = 1e-3             # per labelled output: |candidate AUC - reference AUC|, at most
     logloss_diff = 1e-3         # per labelled output: |candidate - reference log loss|, at most
     min_speedup = 1.0           # per tower and batch: the paired speedup, at least (off by default)
-    latency_tolerance = 0.02    # with --baseline: smallest regression ever flagged (the run's noise may be larger)
+    latency_tolerance = 0.02    # with --baseline: smallest regression ever flagged (the runs' noise may be larger)
 
 Beside these, every bundle built by this dcnc carries the sha256 of each weight it was built from (manifest
 towers.*.source_weights); verify matches them by name to the reference's parameters, and one differing tensor
@@ -202,8 +202,9 @@ def _inconclusive(entry: dict[str, Any], load: dict[str, Any] | None) -> str | N
 
 def baseline_gates(latency: dict[str, Any], baseline: dict[str, Any], floor: float, where: str = "baseline") -> list[Gate]:
     """One gate per tower and batch size measured in both runs: the speedup's drop since the baseline (old /
-    new - 1, so machine-wide slowdowns cancel) must stay within this run's noise (toolkit.evaluate.latency), at
-    least `floor` and at most MAX_LATENCY_TOLERANCE; an inconclusive entry fails with its reason."""
+    new - 1, so machine-wide slowdowns cancel) must stay within the two runs' noise together (each run's
+    interval half-width, toolkit.evaluate.latency, added in quadrature: both are estimates), at least `floor`
+    and at most MAX_LATENCY_TOLERANCE; an inconclusive entry fails with its reason."""
     gates = []
     old_towers = baseline["latency"]["towers"]
     for tower, batches in latency["towers"].items():
@@ -215,10 +216,11 @@ def baseline_gates(latency: dict[str, Any], baseline: dict[str, Any], floor: flo
                 regression = float(old["speedup"]) / float(entry["speedup"]) - 1.0
             except (KeyError, TypeError, ValueError, ZeroDivisionError):
                 raise DcncError(f"{where}: latency of {tower} batch {batch} has no speedup to compare") from None
-            tolerance = min(max(entry["noise"], floor), MAX_LATENCY_TOLERANCE)
+            noise = math.hypot(entry["noise"], float(old.get("noise") or 0.0))
+            tolerance = min(max(noise, floor), MAX_LATENCY_TOLERANCE)
             reason = _inconclusive(entry, latency.get("load"))
-            if reason is None and entry["noise"] > MAX_LATENCY_TOLERANCE:
-                reason = f"inconclusive: ±{100 * entry['noise']:.0f}% noise is wider than the {MAX_LATENCY_TOLERANCE:.0%} a baseline can judge"
+            if reason is None and noise > MAX_LATENCY_TOLERANCE:
+                reason = f"inconclusive: ±{100 * noise:.0f}% noise is wider than the {MAX_LATENCY_TOLERANCE:.0%} a baseline can judge"
             gates.append(Gate(f"latency.{tower}.b{batch}.regression", regression, tolerance, "<=", reason))
     if not gates:
         raise DcncError(f"{where}: no tower and batch size in common with this run (compare like with like)")
