@@ -188,6 +188,15 @@ def test_an_inconclusive_speedup_is_shown_as_such_and_not_drawn(faithful):
     assert "query: no speedup to draw: every figure was inconclusive." in page and "inconclusive ±60%" in page
 
 
+def test_a_chart_names_the_inconclusive_points_it_leaves_out(faithful):
+    report = json.loads(json.dumps(faithful))
+    first = next(iter(report["latency"]["towers"]["query"]))
+    report["latency"]["towers"]["query"][first].update(verdict="inconclusive", noise=0.6)
+    page = render_html({"ort-fp32": faithful, "ort-fp16": report})
+    assert "query: speedup over the reference" in chart_titles(page)
+    assert f"query: not drawn, inconclusive: ort-fp16 @{first}." in page
+
+
 def test_the_overview_shows_worst_cosine_recall_ratio_and_speedup_at_the_largest_batch(broken):
     page = render_html({"ort-fp16": broken})
     cosine = min(s["cosine_min"] for s in broken["parity"].values())

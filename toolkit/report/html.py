@@ -35,6 +35,7 @@ tr.fail td { background: #fde8e8; color: #a40000; } tr.pass td.verdict { color: 
 .badge { display: inline-block; padding: .05em .6em; border-radius: .8em; color: #fff; font-size: .8em; }
 .badge.pass { background: #1a7f37; } .badge.fail { background: #c62828; } .badge.unknown { background: #888; }
 .charts { display: flex; flex-wrap: wrap; gap: 1em; } .note { color: #666; font-size: .9em; }
+.chart-with-note { max-width: 580px; }
 svg.chart { background: #fff; border: 1px solid #e4e4e4; }
 code { background: #f4f4f4; padding: 0 .25em; }
 """
@@ -138,11 +139,12 @@ def _speedup_charts(reports: dict[str, dict[str, Any]]) -> str:
     towers = sorted({t for r in reports.values() for t in _dict(_get(r, "latency", "towers"))})
     charts = []
     for tower in towers:
-        series = []
+        series, left_out = [], set()
         for i, (name, report) in enumerate(reports.items()):
             batches = _dict(_get(report, "latency", "towers", tower))
             judged = [(int(b), _dict(e)) for b, e in batches.items()
                       if str(b).isdigit() and _get(e, "verdict") != INCONCLUSIVE]  # fmt: skip
+            left_out |= {f"{name} @{b}" for b, e in batches.items() if _get(e, "verdict") == INCONCLUSIVE}
             points = [(b, _get(e, "speedup")) for b, e in judged]
             band = [(b, *e["ci"]) for b, e in judged if isinstance(e.get("ci"), list) and len(e["ci"]) == 2]
             series.append(Series(name, points, PALETTE[i % len(PALETTE)], band))
@@ -150,8 +152,11 @@ def _speedup_charts(reports: dict[str, dict[str, Any]]) -> str:
         if not batches:
             charts.append(f'<p class="note">{escape(tower)}: no speedup to draw: every figure was inconclusive.</p>')
             continue
-        charts.append(line_chart(series, f"{tower}: speedup over the reference", "batch size",
-                                 "median of paired ratios", x_log=True, y_log=True, x_ticks=batches))
+        chart = line_chart(series, f"{tower}: speedup over the reference", "batch size", "median of paired ratios",
+                           x_log=True, y_log=True, x_ticks=batches)
+        note = (f'<p class="note">{escape(tower)}: not drawn, inconclusive: {escape(", ".join(sorted(left_out)))}.</p>'
+                if left_out else "")
+        charts.append(f'<div class="chart-with-note">{chart}{note}</div>')
     return f'<div class="charts">{"".join(charts)}</div>' if charts else ""
 
 
