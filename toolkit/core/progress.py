@@ -1,4 +1,5 @@
-"""The one progress bar: rich, on stderr, for loops longer than a second (or nothing at all when disabled)."""
+"""The one progress bar: rich, on stderr, for loops longer than a second (nothing at all when disabled, or when
+stderr is a log or pipe, where a bar cannot redraw and would leave only a blank line)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ class StepBar:
     _started: bool = field(default=False, init=False)
 
     def __enter__(self) -> StepBar:
-        if self.enabled:
-            from rich.console import Console
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if self.enabled and console.is_terminal:  # TTY_COMPATIBLE=1 forces it
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -39,7 +42,7 @@ class StepBar:
             columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn()]
             columns += [TextColumn(template) for template in self.fields.values()]
-            self._progress = Progress(*columns, console=Console(stderr=True), transient=True)
+            self._progress = Progress(*columns, console=console, transient=True)
             self._progress.__enter__()
             self._task = self._progress.add_task(self.label, total=self.total, **{k: float("nan") for k in self.fields})
         return self
