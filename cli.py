@@ -453,8 +453,7 @@ def run(
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
-        terminal = literal_console()
-        print_summary(summary, terminal if terminal.is_terminal else literal_console(width=160))  # CI logs: no wrapping
+        print_summary(summary, literal_console())  # LOG_WIDTH wide in CI logs: no wrapping
     failed = [f"{t['model']}/{t['target']}" for t in summary["targets"] if not t["passed"]]
     if failed:
         raise GateFailed(f"{len(failed)} of {len(summary['targets'])} target(s): {', '.join(failed)}")

@@ -17,8 +17,8 @@ from verify_cases import CLI_FAST
 from cli import app
 from toolkit.commands.build import build_bundle
 from toolkit.commands.verify import verify
-from toolkit.core.onnxio import load_onnx, weight_digests
 from toolkit.core.errors import DcncError
+from toolkit.core.onnxio import load_onnx, weight_digests
 from toolkit.evaluate.latency import LatencyPolicy
 from toolkit.evaluate.verify import VerifyOptions, ratio_resolution
 from toolkit.model.checkpoint import save_checkpoint
@@ -187,16 +187,22 @@ def test_cli_exit_2_on_bad_k(verify_case):
     assert result.exit_code == 2 and "--k" in result.output
 
 
-def test_factory_reference_is_loaded_with_its_inputs_and_weights(tmp_path, monkeypatch):
-    package = tmp_path / "verifyfactory"
+def _factory_package(tmp_path, monkeypatch, name: str) -> str:
+    """A package `name` in tmp_path (on sys.path) whose `towers` module is tests/usercode.py; its make_logit."""
+    package = tmp_path / name
     package.mkdir()
     (package / "__init__.py").write_text("")
     shutil.copyfile(Path(__file__).parents[1] / "usercode.py", package / "towers.py")
     monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}.towers:make_logit"
+
+
+def test_factory_reference_is_loaded_with_its_inputs_and_weights(tmp_path, monkeypatch):
+    factory = _factory_package(tmp_path, monkeypatch, "verifyfactory")
     torch.manual_seed(4)
     torch.save(nn.Linear(4, 1).state_dict(), tmp_path / "state.pt")
     torch.save({f"linear.{k}": v for k, v in torch.load(tmp_path / "state.pt").items()}, tmp_path / "state.pt")
-    factory, inputs = "verifyfactory.towers:make_logit", ["--input", "dense:float32:B,4"]
+    inputs = ["--input", "dense:float32:B,4"]
     exported = CliRunner().invoke(app, ["export", factory, *inputs, "--weights", str(tmp_path / "state.pt"),
                                         "-o", str(tmp_path / "logit.onnx")])  # fmt: skip
     assert exported.exit_code == 0, exported.output
@@ -214,13 +220,8 @@ def test_factory_reference_is_loaded_with_its_inputs_and_weights(tmp_path, monke
 
 
 def test_a_factory_model_verifies_on_its_inputs_alone_numeric_parity_and_latency(tmp_path, monkeypatch):
-    package = tmp_path / "numericfactory"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    shutil.copyfile(Path(__file__).parents[1] / "usercode.py", package / "towers.py")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    factory = _factory_package(tmp_path, monkeypatch, "numericfactory")
     torch.save({f"linear.{k}": v for k, v in nn.Linear(4, 1).state_dict().items()}, tmp_path / "state.pt")
-    factory = "numericfactory.towers:make_logit"
     inputs = ["--input", "dense:float32:B,4", "--weights", str(tmp_path / "state.pt")]
     assert CliRunner().invoke(app, ["export", factory, *inputs, "-o", str(tmp_path / "logit.onnx")]).exit_code == 0
     build_bundle(tmp_path / "logit.onnx", tmp_path / "bundle", batch=(1, 16, 256))

@@ -260,24 +260,22 @@ def json_safe(value: Any) -> Any:
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     """The TOML table in the file at `path`, or DcncError in one line naming it as `what` ("pipeline file")."""
-    path = Path(path)
-    if not path.is_file():
-        raise DcncError(f"{path}: no such {what}")
-    try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise DcncError(f"{path}: not valid TOML ({err})") from None
+    return _read_text(path, what, tomllib.loads, tomllib.TOMLDecodeError, "TOML")
 
 
 def read_json(path: str | Path, what: str) -> Any:
     """The JSON in the file at `path`, or DcncError in one line naming it as `what` ("baseline report")."""
+    return _read_text(path, what, json.loads, json.JSONDecodeError, "JSON")
+
+
+def _read_text(path: str | Path, what: str, parse, error: type[Exception], kind: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DcncError(f"{path}: no such {what}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DcncError(f"{path}: not valid JSON ({err})") from None
+        return parse(path.read_text())
+    except (error, UnicodeDecodeError) as err:
+        raise DcncError(f"{path}: not valid {kind} ({err})") from None
 
 
 def write_json(path: str | Path, data: Any, sort_keys: bool = False) -> None:
