@@ -105,6 +105,13 @@ def test_manifest_missing_fields_is_refused(bundle):
         open_bundle(bundle)
 
 
+@pytest.mark.parametrize("digests", [["not", "a", "table"], {"query.weight": "not-a-digest"}])
+def test_source_weights_that_are_not_sha256_digests_are_refused(bundle, digests):
+    edit_manifest(bundle, lambda m: next(iter(m["towers"].values())).update(source_weights=digests))
+    with pytest.raises(DcncError, match=r"malformed manifest \(1 problem\).*\n  towers\.\w+\.source_weights: expected"):
+        open_bundle(bundle)
+
+
 def test_unreadable_manifest_is_refused(bundle):
     (bundle / "manifest.json").write_text("{not json")
     with pytest.raises(DcncError, match="unreadable manifest"):
