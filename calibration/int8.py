@@ -86,6 +86,13 @@ class Int8Lowerer:
     def reduce_range(self) -> bool | None:
         return weight_bits(self.isa) == 7 if self.isa else None
 
+    @property
+    def foreign_kernel(self) -> bool:
+        """The graphs keep more weight bits than this CPU's integer kernel takes without saturating (built with
+        --int8-isa for a VNNI / AMX machine on an AVX2 one): run here they would not compute what they compute
+        there, so their quality is judged on onnxruntime's unfused Q/DQ graph and their speed is not measured."""
+        return self.target == "cpu" and weight_bits(self.isa) > weight_bits(detect_int8_isa())
+
     def prepared(self, smooth: bool) -> tuple[onnx.ModelProto, RangeSet, dict, list[str]]:
         """(graph to quantize, its ranges, how they were calibrated, Muls smoothing put on graph inputs)."""
         if smooth not in self._prepared:

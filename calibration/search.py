@@ -55,6 +55,7 @@ class PrecisionSearch:
     points: list[PrecisionPoint] = field(default_factory=list)
     chosen: int | None = None
     recovery: dict[str, float] = field(default_factory=dict)
+    emulated: bool = False  # judged on the unfused graph: built for another CPU's kernel (Int8Lowerer.foreign_kernel)
 
     @property
     def met(self) -> bool:
@@ -95,15 +96,22 @@ def search_precision(
     recipe, nodes kept FP32, bias record, PrecisionSearch) of the chosen point, or of the best one when no
     point meets the target (search.met False: `dcnc build` refuses it, with search.shortfall()).
     """
-    from toolkit.backends.ort.loader import ort_session
+    from toolkit.backends.ort.loader import OrtOptions, ort_session
 
     say = say or (lambda line: None)
+    # unfused, each Q/DQ pair runs as float rounding: the integer result a VNNI / AMX kernel gives exactly (to
+    # float32 accumulation), where this CPU's own kernel would saturate 8-bit weights
+    judged = OrtOptions(opt_level="disable") if lowerer.foreign_kernel else None
+    if lowerer.foreign_kernel:
+        say(f"built for {lowerer.isa}, this CPU's int8 kernel differs: agreement judged on the unfused Q/DQ graph,"
+            " speed not measured")
+        timing_batch = None
     reference = ort_session(lowerer.model, where="FP32 tower").run(None, held_out)[0]
     if not np.isfinite(reference).all():  # agreement would rank NaNs: say what calibration would have said
         raise DcncError(f"calibration: the FP32 tower's output is inf or NaN on this data (float32 overflows in the"
                         f" graph, largest |input| {largest_input(held_out, lowerer.model):.3g}); check the data's scale")
     rows = len(next(iter(held_out.values())))
-    search = PrecisionSearch(key, target, rows, timing_batch)
+    search = PrecisionSearch(key, target, rows, timing_batch, emulated=lowerer.foreign_kernel)
     forced = set(keep_fp32)
     candidates = [n for n in quantizable_nodes(lowerer.model, lowerer.target, lowerer.quantize_embeddings) if n not in forced]
     weighted = {node.name for node in lowerer.model.graph.node if node.op_type in WEIGHT_OPS}
@@ -115,7 +123,7 @@ def search_precision(
         if (recipe.name, tuple(kept)) not in tried:
             nodes = [*keep_fp32, *(n for unit in kept for n in units[unit])]
             lowered = lowerer.lower(recipe, nodes)
-            output = ort_session(lowered[0], where="INT8 tower").run(None, held_out)[0]
+            output = ort_session(lowered[0], options=judged, where="INT8 tower").run(None, held_out)[0]
             point = PrecisionPoint(recipe.name, list(kept), metric(reference, output))
             tried[(recipe.name, tuple(kept))] = (point, recipe, nodes, lowered)
         return tried[(recipe.name, tuple(kept))][0].agreement[key]

@@ -47,10 +47,16 @@ def random_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str,
     return feeds
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], unfused: bool = False) -> list[np.ndarray]:
+    """The graph's outputs on onnxruntime's CPU provider; `unfused`: with graph optimisations off, so a Q/DQ graph
+    computes in float what an int32-accumulating kernel computes (a test of a lowering with 8-bit weights gets
+    the same answer on an AVX2 CPU, whose fused kernel would saturate them, as on a VNNI one)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if unfused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
 

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from calib_towers import random_feeds, tower_graph
+from calib_towers import random_feeds, run, tower_graph
 
 from calibration.int8 import LADDER, Int8Lowerer
 from calibration.reader import CalibrationData, hold_out
@@ -55,8 +55,23 @@ def test_an_unreachable_target_returns_the_best_point_unmet_and_says_why(tower):
 
 
 def test_every_point_is_timed_against_fp32(tower):
-    *_, search = _search(tower, 0.5, timing_batch=32)
-    assert search.timing_batch == 32 and all(p.speedup > 0 for p in search.points)
+    model, _, held_out = tower
+    native = Int8Lowerer(model, CalibrationData(random_feeds(model, 256, seed=3)), isa="avx2")  # runs on any x86
+    *_, search = _search((model, native, held_out), 0.5, timing_batch=32)
+    assert search.timing_batch == 32 and all(p.speedup > 0 for p in search.points) and not search.emulated
+
+
+def test_a_build_for_another_cpus_kernel_is_judged_unfused_and_not_timed(tower, monkeypatch):
+    # 8-bit weights on an AVX2 CPU: its fused kernel would saturate them, the VNNI machine's would not
+    model, lowerer, held_out = tower
+    monkeypatch.setattr("calibration.int8.detect_int8_isa", lambda: "avx2")
+    lines = []
+    quantized, *_, search = _search(tower, 0.5, timing_batch=32, say=lines.append)
+    assert search.emulated and search.timing_batch is None and all(p.speedup is None for p in search.points)
+    assert "built for avx512-vnni" in lines[0]
+    metric, _ = held_out_metric([None, 8])
+    reference = run(model, held_out)[0]
+    assert search.points[search.chosen].agreement == metric(reference, run(quantized, held_out, unfused=True)[0])
 
 
 def test_held_out_rows_are_distinct_and_not_calibrated_on():

@@ -81,7 +81,9 @@ class Int8Lowering:
         if not self.search:
             return []
         search = self.search
-        lines = [f"search: {search['metric']} >= {search['target']:.4g} on {search['held_out_rows']} held-out rows"]
+        lines = [f"search: {search['metric']} >= {search['target']:.4g} on {search['held_out_rows']} held-out rows"
+                 + (f" (judged on the unfused Q/DQ graph: this CPU's int8 kernel is not {self.isa}'s)"
+                    if search.get("emulated") else "")]
         for index, point in enumerate(search["points"]):
             agreement = ", ".join(f"{k} {v:.4f}" for k, v in point["agreement"].items())
             speed = f", {point['speedup']:.2f}x" if point.get("speedup") else ""
