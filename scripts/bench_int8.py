@@ -17,8 +17,10 @@ search on that recipe alone); `default` is `dcnc build`'s own lowering (toolkit.
 Quality (deterministic): each tower's calibration rows split as `dcnc build` splits them (calibration.reader.
 hold_out); held-out agreement@10/@100 of each row's nearest neighbours among the others (embedding towers) or
 the share of score pairs in the same order (rankers); two-towers also agreement@K and recall@100 ratio on their
-eval split (both towers INT8), rankers AUC and log-loss deltas. Speed: INT8 / FP32 time ratio at batch 64 and
-4096, all of a tower's graphs interleaved in one run, medians; the load average before and after.
+eval split (both towers INT8), rankers AUC and log-loss deltas. A variant with 8-bit weights on a CPU without
+VNNI (whose fused kernel would saturate them) is judged on its unfused Q/DQ graph, the integer result a VNNI
+kernel computes, and not timed. Speed: INT8 / FP32 time ratio at batch 64 and 4096, all of a tower's graphs
+interleaved in one run, medians; the load average before and after.
 
     .venv/bin/python scripts/bench_int8.py --example runs/example --movielens runs/ml --out runs/int8_levers.json
 """
@@ -67,7 +69,8 @@ def _recipe(path: str = "integer", smooth: bool = False, bias: bool = False) -> 
 
 
 VNNI = "avx512-vnni"
-DEFAULTS = {"default": None, "default avx2": "avx2"}  # `dcnc build`'s lowering: this CPU's level, and --int8-isa avx2
+# `dcnc build`'s lowering: for this CPU's level, and with --int8-isa for each of the two weight widths
+DEFAULTS = {"default": None, "default avx2": "avx2", "default vnni": VNNI}
 VARIANTS = [
     Variant("base"),
     Variant("R", VNNI),
@@ -211,18 +214,34 @@ def lower(subject: Subject, variant: Variant, target: float) -> tuple[dict, dict
     return graphs, curves
 
 
-def held_out_agreement(tower: Tower, reference: np.ndarray, model) -> dict[str, float]:
+def foreign(variant: Variant) -> bool:
+    """The variant keeps more weight bits than this CPU's integer kernel takes (a VNNI build on AVX2): it is judged
+    on its unfused Q/DQ graph, as `dcnc build` judges it (calibration.int8.Int8Lowerer.foreign_kernel), and not
+    timed here."""
+    from calibration.isa import detect_int8_isa, weight_bits
+
+    isa = DEFAULTS.get(variant.name, variant.isa) or detect_int8_isa()
+    return weight_bits(isa) > weight_bits(detect_int8_isa())
+
+
+def judge(model, unfused: bool):
+    from toolkit.backends.ort.loader import OrtOptions, ort_session
+
+    return ort_session(model, options=OrtOptions(opt_level="disable")) if unfused else session(model)
+
+
+def held_out_agreement(tower: Tower, reference: np.ndarray, model, unfused: bool = False) -> dict[str, float]:
     metric, _ = held_out_metric(list(graph_outputs(tower.model)[0].shape))
-    return metric(reference, session(model).run(None, tower.held_out)[0])
+    return metric(reference, judge(model, unfused).run(None, tower.held_out)[0])
 
 
-def evaluate(subject: Subject, graphs: dict, reference: dict | None = None) -> dict:
+def evaluate(subject: Subject, graphs: dict, reference: dict | None = None, unfused: bool = False) -> dict:
     """Eval-split metrics of a variant (both towers of a two-tower lowered alike); with `reference` (FP32's
     result), agreement@K and recall ratio, or AUC and log-loss deltas, against it."""
     if subject.retrieval is not None:
         data = subject.retrieval
         side = {t: {k.split("/", 1)[1]: v for k, v in data.items() if k.startswith(f"{t}/")} for t in ("query", "item")}
-        emb = {t: session(graphs[t]).run(None, side[t])[0] for t in ("query", "item")}
+        emb = {t: judge(graphs[t], unfused).run(None, side[t])[0] for t in ("query", "item")}
         top = metrics.exact_top_k(emb["query"], [emb["item"]], 100).ids
         recall = metrics.recall_at_k(top, data["relevance"], [100])[100]
         if reference is None:
@@ -232,7 +251,7 @@ def evaluate(subject: Subject, graphs: dict, reference: dict | None = None) -> d
     if subject.ranking is not None:
         data = dict(subject.ranking)
         labels = data.pop("label")
-        logits = session(graphs["ranker"]).run(None, data)[0]
+        logits = judge(graphs["ranker"], unfused).run(None, data)[0]
         auc, logloss = metrics.auc(labels, logits), metrics.logloss(labels, logits)
         if reference is None:
             return {"auc": auc, "logloss": logloss}
@@ -283,6 +302,7 @@ def run_subject(subject: Subject, args) -> dict:
     variants = [v for v in VARIANTS if not args.variants or v.name in args.variants]
     variants += [Variant(name) for name in DEFAULTS if not args.variants or name in args.variants]
     models, searches, refused = {}, {}, {}
+    unfused = {v.name for v in variants if foreign(v)}
     for variant in variants:
         try:
             models[variant.name], curve = lower(subject, variant, args.target)
@@ -296,23 +316,25 @@ def run_subject(subject: Subject, args) -> dict:
     fp32 = evaluate(subject, {t: tw.model for t, tw in subject.towers.items()})
     quality = {}
     for variant, graphs in models.items():
-        quality[variant] = {t: held_out_agreement(subject.towers[t], references[t], g) for t, g in graphs.items()}
-        quality[variant]["eval"] = evaluate(subject, graphs, fp32)
+        judged = variant in unfused
+        quality[variant] = {t: held_out_agreement(subject.towers[t], references[t], g, judged) for t, g in graphs.items()}
+        quality[variant]["eval"] = evaluate(subject, graphs, fp32, judged)
         print(f"  {variant:18s} " + json.dumps(quality[variant], default=float), flush=True)
-    result = {"quality": quality, "searches": searches, "refused": refused}
+    result = {"quality": quality, "searches": searches, "refused": refused, "unfused": sorted(unfused)}
     if subject.name in ("example two-tower", "compute-bound tower"):
         result["clipping"] = clipping(next(iter(subject.towers.values())))
     if subject.timed and not args.no_speed:
         load = os.getloadavg()[0]
         compute = "compute" in subject.name
-        result["speed"] = speed(subject, models, {64: args.iterations * 10, 4096: max(5, args.iterations // (4 if compute else 1))})
+        timed = {v: g for v, g in models.items() if v not in unfused}
+        result["speed"] = speed(subject, timed, {64: args.iterations * 10, 4096: max(5, args.iterations // (4 if compute else 1))})
         result["load"] = [load, os.getloadavg()[0]]
         for key, entry in result["speed"].items():
             print(f"  speed {key}: " + " ".join(f"{k} {v:.2f}" for k, v in entry.items() if "fastest" not in k), flush=True)
         if compute:
             tower = subject.towers["tower"]
-            result["counting"] = {v: counting(tower.model, models[v]["tower"], tower.timing[4096]) for v in ("R+S", "default")
-                                  if v in models}  # fmt: skip
+            result["counting"] = {v: counting(tower.model, timed[v]["tower"], tower.timing[4096]) for v in ("R+S", "default")
+                                  if v in timed}  # fmt: skip
             print("  counting " + json.dumps(result["counting"]), flush=True)
     return result
 

@@ -33,6 +33,9 @@ class HalfLowering:
         return asdict(self)
 
 
+WORTHWHILE_SPEEDUP = 1.1  # below it the search's timing (fastest of 20 calls) cannot tell INT8 from FP32 apart
+
+
 @dataclass
 class Int8Lowering:
     """INT8 Q/DQ: the target's number formats, the calibration behind the ranges, the nodes quantized and kept
@@ -89,6 +92,12 @@ class Int8Lowering:
             speed = f", {point['speedup']:.2f}x" if point.get("speedup") else ""
             mark = "*" if index == search.get("chosen_index") else " "
             lines.append(f"{mark} {point['recipe']}, FP32 layers [{', '.join(point['kept'])}]: {agreement}{speed}")
+        chosen = search["points"][search["chosen_index"]] if search.get("chosen_index") is not None else None
+        if chosen and chosen.get("speedup") and chosen["speedup"] < WORTHWHILE_SPEEDUP:
+            fastest = max(search["points"], key=lambda p: p.get("speedup") or 0)
+            lines.append(f"note: at this target INT8 runs {chosen['speedup']:.2f}x FP32 on this CPU ({self.isa}, batch"
+                         f" {search['timing_batch']}; the fastest point tried {fastest['speedup']:.2f}x): FP32 or FP16"
+                         " may serve as well, or lower --min-agreement for speed")  # fmt: skip
         clipped = [g for g in self.gemm_inputs if g["clipped"] > 0]
         for gemm in clipped:
             lines.append(f"clipped {gemm['node']} input to [{gemm['range'][0]:.4g}, {gemm['range'][1]:.4g}]"
