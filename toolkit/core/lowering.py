@@ -33,7 +33,7 @@ class HalfLowering:
         return asdict(self)
 
 
-WORTHWHILE_SPEEDUP = 1.1  # below it the search's timing (fastest of 20 calls) cannot tell INT8 from FP32 apart
+WORTHWHILE_SPEEDUP = 1.1  # under it INT8's gain is within the search timing's noise and not worth its rounding
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Int8Lowering:
         if chosen and chosen.get("speedup") and chosen["speedup"] < WORTHWHILE_SPEEDUP:
             fastest = max(search["points"], key=lambda p: p.get("speedup") or 0)
             lines.append(f"note: at this target INT8 runs {chosen['speedup']:.2f}x FP32 on this CPU ({self.isa}, batch"
-                         f" {search['timing_batch']}; the fastest point tried {fastest['speedup']:.2f}x): FP32 or FP16"
+                         f" {search['timing_batch']}; the fastest point tried {fastest['speedup']:.2f}x): an FP32 bundle"
                          " may serve as well, or lower --min-agreement for speed")  # fmt: skip
         clipped = [g for g in self.gemm_inputs if g["clipped"] > 0]
         for gemm in clipped:
