@@ -8,23 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import zoo
+from tower_graphs import loaded, zoo_graph
 
 from graphs.export import tower_to_onnx
 from graphs.passes.manager import run_passes
-from toolkit.model.loading import LoadedTower
-
-
-def _loaded(name: str, module) -> LoadedTower:
-    return LoadedTower(name, module.eval(), list(module.input_specs), list(module.output_names))
 
 
 @functools.cache
 def _tower_bytes(family: str, kind: str) -> bytes:
-    model, _ = zoo.zoo_model(family, kind)
-    name = {"retrieval": "query", "ranking": "ranker", "projection": "engagement"}[family]
-    exported = tower_to_onnx(_loaded(name, model.towers()[name]))
-    return run_passes(exported)[0].SerializeToString()
+    return run_passes(zoo_graph(family, kind))[0].SerializeToString()  # the graph tests' export, passes run
 
 
 def tower_graph(family: str = "retrieval", kind: str = "full") -> onnx.ModelProto:
@@ -82,7 +74,7 @@ def trained_two_tower(folder: str) -> dict:
     data = load_dataset("synthetic", seed=0)
     result = train_two_tower(data, folder, config=TrainConfig(epochs=1, batch_size=1024, lr=1e-2), quiet=True)
     model, _, _ = load_checkpoint(result["checkpoint"])
-    graphs = {name: run_passes(tower_to_onnx(_loaded(name, tower)))[0] for name, tower in model.towers().items()}
+    graphs = {name: run_passes(tower_to_onnx(loaded(name, tower)))[0] for name, tower in model.towers().items()}
     return {
         "graphs": {name: g.SerializeToString() for name, g in graphs.items()},
         "calib": result["calib_data"],
