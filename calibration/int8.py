@@ -23,7 +23,7 @@ import onnx
 
 from calibration.bias import correct_biases
 from calibration.cache import calibrated_ranges
-from calibration.isa import detect_int8_isa, weight_bits
+from calibration.isa import detect_int8_isa, saturates_here, weight_bits
 from calibration.qdq import (
     CROSS_PATHS,
     TARGET_CONFIGS,
@@ -91,7 +91,7 @@ class Int8Lowerer:
         """The graphs keep more weight bits than this CPU's integer kernel takes without saturating (built with
         --int8-isa for a VNNI / AMX machine on an AVX2 one): run here they would not compute what they compute
         there, so their quality is judged on onnxruntime's unfused Q/DQ graph and their speed is not measured."""
-        return self.target == "cpu" and weight_bits(self.isa) > weight_bits(detect_int8_isa())
+        return self.target == "cpu" and saturates_here(self.isa)
 
     def prepared(self, smooth: bool) -> tuple[onnx.ModelProto, RangeSet, dict, list[str]]:
         """(graph to quantize, its ranges, how they were calibrated, Muls smoothing put on graph inputs)."""

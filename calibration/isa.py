@@ -48,12 +48,18 @@ def weight_bits(isa: str) -> int:
     return 8 if check_isa(isa) in INT32_ACCUMULATING else 7
 
 
+def saturates_here(built_for: str, here: str | None = None) -> bool:
+    """Weights built for `built_for` keep more bits than the kernel of this CPU (or of `here`) sums without
+    saturating: run here, the graph does not compute what it computes on the CPU it was built for."""
+    return weight_bits(built_for) > weight_bits(here or detect_int8_isa())
+
+
 def isa_mismatch(built_for: str, here: str | None = None) -> str | None:
     """Why an INT8 bundle built for `built_for` runs differently on this CPU (or on `here`), or None."""
     here = here or detect_int8_isa()
     if built_for == here or built_for not in INT8_ISAS:
         return None
-    if weight_bits(built_for) > weight_bits(here):
+    if saturates_here(built_for, here):
         return (f"built for {built_for} (8-bit weights), this CPU is {here}: its u8 x s8 kernel sums pairs of"
                 " products in int16, which 8-bit weights can saturate; rebuild with --int8-isa " + here)  # fmt: skip
     return f"built for {built_for}, this CPU is {here}: its speed was measured for another kernel"

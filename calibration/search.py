@@ -101,8 +101,9 @@ def search_precision(
     say = say or (lambda line: None)
     # unfused, each Q/DQ pair runs as float rounding: the integer result a VNNI / AMX kernel gives exactly (to
     # float32 accumulation), where this CPU's own kernel would saturate 8-bit weights
-    judged = OrtOptions(opt_level="disable") if lowerer.foreign_kernel else None
-    if lowerer.foreign_kernel:
+    emulated = lowerer.foreign_kernel
+    judged = OrtOptions(opt_level="disable") if emulated else None
+    if emulated:
         say(f"built for {lowerer.isa}, this CPU's int8 kernel differs: agreement judged on the unfused Q/DQ graph,"
             " speed not measured")
         timing_batch = None
@@ -111,7 +112,7 @@ def search_precision(
         raise DcncError(f"calibration: the FP32 tower's output is inf or NaN on this data (float32 overflows in the"
                         f" graph, largest |input| {largest_input(held_out, lowerer.model):.3g}); check the data's scale")
     rows = len(next(iter(held_out.values())))
-    search = PrecisionSearch(key, target, rows, timing_batch, emulated=lowerer.foreign_kernel)
+    search = PrecisionSearch(key, target, rows, timing_batch, emulated=emulated)
     forced = set(keep_fp32)
     candidates = [n for n in quantizable_nodes(lowerer.model, lowerer.target, lowerer.quantize_embeddings) if n not in forced]
     weighted = {node.name for node in lowerer.model.graph.node if node.op_type in WEIGHT_OPS}

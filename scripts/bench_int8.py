@@ -218,10 +218,9 @@ def foreign(variant: Variant) -> bool:
     """The variant keeps more weight bits than this CPU's integer kernel takes (a VNNI build on AVX2): it is judged
     on its unfused Q/DQ graph, as `dcnc build` judges it (calibration.int8.Int8Lowerer.foreign_kernel), and not
     timed here."""
-    from calibration.isa import detect_int8_isa, weight_bits
+    from calibration.isa import detect_int8_isa, saturates_here
 
-    isa = DEFAULTS.get(variant.name, variant.isa) or detect_int8_isa()
-    return weight_bits(isa) > weight_bits(detect_int8_isa())
+    return saturates_here(DEFAULTS.get(variant.name, variant.isa) or detect_int8_isa())
 
 
 def judge(model, unfused: bool):

@@ -64,7 +64,7 @@ def test_every_point_is_timed_against_fp32(tower):
 def test_a_build_for_another_cpus_kernel_is_judged_unfused_and_not_timed(tower, monkeypatch):
     # 8-bit weights on an AVX2 CPU: its fused kernel would saturate them, the VNNI machine's would not
     model, lowerer, held_out = tower
-    monkeypatch.setattr("calibration.int8.detect_int8_isa", lambda: "avx2")
+    monkeypatch.setattr("calibration.isa.detect_int8_isa", lambda: "avx2")
     lines = []
     quantized, *_, search = _search(tower, 0.5, timing_batch=32, say=lines.append)
     assert search.emulated and search.timing_batch is None and all(p.speedup is None for p in search.points)

@@ -9,7 +9,7 @@ def _record(speedups: list[float | None], chosen: int, emulated: bool = False) -
     points = [{"recipe": "float+smooth", "kept": [], "agreement": {"agreement@100": 0.99 + i / 1000}, "speedup": s}
               for i, s in enumerate(speedups)]  # fmt: skip
     search = {"metric": "agreement@100", "target": 0.99, "held_out_rows": 1024, "timing_batch": 256,
-              "points": points, "chosen_index": chosen, "emulated": emulated}  # fmt: skip
+              "points": points, "chosen": points[chosen], "chosen_index": chosen, "emulated": emulated}  # fmt: skip
     return Int8Lowering(target="cpu", method="minmax", percentile=None, calibration_key="k", cache_hit=False,
                         calibration_samples=1024, quantized_nodes=[], kept_fp32=[], quantize_embeddings=False,
                         isa="avx2", search=search)  # fmt: skip

@@ -92,7 +92,7 @@ class Int8Lowering:
             speed = f", {point['speedup']:.2f}x" if point.get("speedup") else ""
             mark = "*" if index == search.get("chosen_index") else " "
             lines.append(f"{mark} {point['recipe']}, FP32 layers [{', '.join(point['kept'])}]: {agreement}{speed}")
-        chosen = search["points"][search["chosen_index"]] if search.get("chosen_index") is not None else None
+        chosen = search.get("chosen")
         if chosen and chosen.get("speedup") and chosen["speedup"] < WORTHWHILE_SPEEDUP:
             fastest = max(search["points"], key=lambda p: p.get("speedup") or 0)
             lines.append(f"note: at this target INT8 runs {chosen['speedup']:.2f}x FP32 on this CPU ({self.isa}, batch"
